@@ -1,0 +1,153 @@
+"""The network and how it learns: an MLP on 784 pixels, SGD on cross-entropy, one metric object per stage.
+
+    python -m mnist_lit fit --config configs/default.yaml --model.lr 0.05
+
+``MLP`` is a plain ``nn.Module`` that returns logits; ``MNISTClassifier`` wraps any such
+network (``model.net`` takes a ``class_path``) with the loss, the optimizer and the metrics.
+Softmax appears only in ``predict_step``: the loss takes logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import PositiveFloat, PositiveInt
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+class MLP(nn.Module):
+    """784 -> hidden1 -> hidden2 -> num_classes with ReLU between; returns logits.
+
+    Args:
+        hidden1: width of the first hidden layer.
+        hidden2: width of the second hidden layer.
+        num_classes: number of outputs (logits).
+    """
+
+    def __init__(self, hidden1: PositiveInt = 512, hidden2: PositiveInt = 256, num_classes: PositiveInt = 10):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Flatten(),  # (B, 28, 28) or (B, 784) -> (B, 784)
+            nn.Linear(28 * 28, hidden1), nn.ReLU(),
+            nn.Linear(hidden1, hidden2), nn.ReLU(),
+            nn.Linear(hidden2, num_classes),  # (B, hidden2) -> (B, 10) logits
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MNISTClassifier(L.LightningModule):
+    """A classifier trained with SGD on cross-entropy, logging ``{train,val,test}/{loss,acc}`` and ``val/acc_best``.
+
+    Training runs several SGD steps per ``training_step`` call (it pulls batches from
+    Lightning's ``dataloader_iter``): each step is an ordinary forward, backward and
+    optimizer step on one batch, so the optimization is the same for any
+    ``steps_per_training_step``; only Lightning's per-call overhead is shared.
+
+    Args:
+        net: the network, images (B, 784) -> logits (B, 10); None means ``MLP()``.
+        lr: SGD learning rate (the peak, when a schedule is used).
+        momentum: SGD momentum.
+        nesterov: use Nesterov momentum.
+        weight_decay: L2 penalty added by SGD.
+        lr_schedule: ``cosine`` decays lr to 0 over all training steps, per step; ``constant`` keeps it.
+        steps_per_training_step: SGD steps per Lightning ``training_step`` call. Under DDP it is 1,
+            since DDP synchronizes gradients once per forward call.
+        num_classes: number of classes the metrics count.
+    """
+
+    def __init__(self, net: nn.Module | None = None, lr: PositiveFloat = 0.1, momentum: float = 0.9,
+                 nesterov: bool = True, weight_decay: float = 0.0,
+                 lr_schedule: Literal["cosine", "constant"] = "cosine", steps_per_training_step: PositiveInt = 16,
+                 num_classes: PositiveInt = 10):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # training_step runs its own SGD steps
+        self.net = net if net is not None else MLP(num_classes=num_classes)
+        # Plain (micro) accuracy; validate_args=False: no per-update range checks, which would sync the device every step.
+        accuracy = lambda: MulticlassAccuracy(num_classes, average="micro", validate_args=False)  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # weighted by batch size, synced under DDP
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 784) -> (B, 10) logits
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                    weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        total_steps = self.trainer.estimated_stepping_batches  # SGD steps over the whole run
+        if total_steps == float("inf"):
+            raise ValueError("--model.lr_schedule cosine needs a finite run: set --trainer.max_epochs or "
+                             "--trainer.max_steps, or use --model.lr_schedule constant.")
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        self.steps_per_call = 1 if self.trainer.world_size > 1 else self.hparams.steps_per_training_step
+
+    def on_train_start(self) -> None:
+        # The sanity check ran validation before training: its numbers are not a result.
+        self.val_acc.reset()
+        self.val_loss.reset()
+        self.val_acc_best.reset()
+        if self.logger is not None:  # HPARAMS tab: the real hyperparameters against real metrics
+            params = {**self.hparams, **self.trainer.datamodule.hparams} if self.trainer.datamodule else {**self.hparams}
+            params = {k: v for k, v in params.items() if not k.startswith("_")}
+            self.logger.log_hyperparams(params | {"seed": torch.initial_seed()},
+                                        {"val/acc_best": 0.0})
+
+    def training_step(self, dataloader_iter: Iterator) -> None:  # the name asks Lightning for its iterator
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        losses = []
+        for _ in range(self.steps_per_call):
+            try:
+                (x, y), _, _ = next(dataloader_iter)
+            except StopIteration:  # the epoch's last call may hold fewer batches
+                break
+            logits = self.net(x)  # (B, 784) -> (B, 10)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            self.train_acc.update(logits.detach(), y)
+            losses.append(loss.detach())
+        if losses:  # one log call per training_step, not per SGD step: each self.log costs ~1 ms
+            self.log("train/loss", torch.stack(losses).mean(), on_step=True, on_epoch=True, prog_bar=True,
+                     batch_size=len(losses))
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(losses))
+
+    def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self.net(x)
+        accuracy, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
+        accuracy.update(logits, y)
+        mean_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        # Metric objects: Lightning computes, syncs across ranks and resets them at epoch end.
+        self.log(f"{stage}/loss", mean_loss, on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best.update(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.evaluate(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, _ = batch
+        return self.net(x).softmax(dim=1)  # (B, 10) class probabilities
