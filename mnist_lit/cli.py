@@ -11,12 +11,16 @@ Every option is an ``__init__`` argument of ``MNISTClassifier`` (``--model.*``),
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mnist_lit.data import MNISTDataModule
+from mnist_lit.data import MNISTDataError, MNISTDataModule
 from mnist_lit.model import MNISTClassifier
 
 TRAINER_DEFAULTS = {
@@ -28,11 +32,15 @@ TRAINER_DEFAULTS = {
 
 class MNISTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Two checkpoints in <run>/checkpoints/: the best by val/acc, and last.ckpt after every epoch
+        # (Lightning 2.6 writes save_last only when the monitored metric improved, so it gets its own).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults({
-            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+            "checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
             "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
             "checkpoint.auto_insert_metric_name": False,  # the '/' in 'val/acc' would make a sub-folder
+            "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
         })
         parser.add_argument("--torch_threads", type=PositiveInt, default=1,
                             help="torch CPU threads. 1 is the default: on a few cores, 2 threads run at most "
@@ -51,6 +59,14 @@ class MNISTCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> MNISTCLI:
-    return MNISTCLI(MNISTClassifier, MNISTDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
-                    auto_configure_optimizers=False,  # SGD is configured by --model.* only
-                    parser_kwargs={"prog": "python -m mnist_lit"})
+    """Run the CLI; a data problem ends it with its one-paragraph message (JSONARGPARSE_DEBUG=1: traceback)."""
+    # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
+    warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
+    try:
+        return MNISTCLI(MNISTClassifier, MNISTDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
+                        auto_configure_optimizers=False,  # SGD is configured by --model.* only
+                        parser_kwargs={"prog": "python -m mnist_lit"})
+    except MNISTDataError as err:
+        if os.environ.get("JSONARGPARSE_DEBUG"):
+            raise
+        sys.exit(f"error: {err}")

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+
 class MLP(nn.Module):
     """784 -> hidden1 -> hidden2 -> num_classes with ReLU between; returns logits.
 
@@ -70,7 +71,7 @@ class MNISTClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False  # training_step runs its own SGD steps
         self.net = net if net is not None else MLP(num_classes=num_classes)
-        # Plain (micro) accuracy; validate_args=False: no per-update range checks, which would sync the device every step.
+        # Plain (micro) accuracy; validate_args=False skips per-update range checks that sync the device.
         accuracy = lambda: MulticlassAccuracy(num_classes, average="micro", validate_args=False)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()  # weighted by batch size, synced under DDP
@@ -101,8 +102,8 @@ class MNISTClassifier(L.LightningModule):
         self.val_loss.reset()
         self.val_acc_best.reset()
         if self.logger is not None:  # HPARAMS tab: the real hyperparameters against real metrics
-            params = {**self.hparams, **self.trainer.datamodule.hparams} if self.trainer.datamodule else {**self.hparams}
-            params = {k: v for k, v in params.items() if not k.startswith("_")}
+            data = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
+            params = {k: v for k, v in {**self.hparams, **data}.items() if not k.startswith("_")}
             self.logger.log_hyperparams(params | {"seed": torch.initial_seed()},
                                         {"val/acc_best": 0.0})
 
@@ -123,6 +124,9 @@ class MNISTClassifier(L.LightningModule):
                 scheduler.step()
             self.train_acc.update(logits.detach(), y)
             losses.append(loss.detach())
+        # Lightning counts one logging step per call; count SGD steps instead, so that TensorBoard's x-axis
+        # and log_every_n_steps mean optimizer steps for any steps_per_training_step.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped += max(len(losses) - 1, 0)
         if losses:  # one log call per training_step, not per SGD step: each self.log costs ~1 ms
             self.log("train/loss", torch.stack(losses).mean(), on_step=True, on_epoch=True, prog_bar=True,
                      batch_size=len(losses))

@@ -1,0 +1,94 @@
+"""Data the tests write themselves (tiny IDX files), the real MNIST set when present, and a TensorBoard reader."""
+
+import gzip
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mnist_lit.data import MNIST_FILES
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """The IDX encoding of a uint8 tensor: magic 00 00 08 <ndim>, big-endian int32 dims, raw bytes."""
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(struct.pack(">i", d) for d in array.shape)
+    return header + array.contiguous().numpy().tobytes()
+
+
+def write_idx(path: Path, array: torch.Tensor, gz: bool = True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = idx_bytes(array)
+    path = path.with_name(path.name + ".gz") if gz else path
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def learnable_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 28x28 uint8 images whose label is written as a bright row band (row 2 + 2*label), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=g)]
+    images = torch.randint(0, 60, (n, 28, 28), generator=g, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        images[i, 2 + 2 * label: 4 + 2 * label, 4:24] = 255
+    return images, labels.to(torch.uint8)
+
+
+def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = True) -> Path:
+    """A tiny MNIST-shaped data set under root/MNIST/raw/ with torchvision's file names; returns root."""
+    raw = root / "MNIST" / "raw"
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = learnable_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, gz)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, gz)
+    return root
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> Path:
+    return write_mnist(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the real MNIST files as <root>/MNIST/raw/*.gz (never written to in place)."""
+    sources = [REAL_MNIST / f"{name}.gz" for name in MNIST_FILES]
+    if not all(p.is_file() for p in sources):
+        pytest.skip(f"real MNIST not found at {REAL_MNIST} (the shared data folder beside the repo)")
+    raw = tmp_path_factory.mktemp("real") / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in sources:  # copyfile, not copytree: the shared folder is read-only, the copy must not be
+        shutil.copyfile(source, raw / source.name)
+    return raw.parent.parent
+
+
+def read_events(run_dir: Path) -> EventAccumulator:
+    """TensorBoard's own reader over every event file of one run."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def scalar(events: EventAccumulator, tag: str) -> list[float]:
+    return [e.value for e in events.Scalars(tag)]
+
+
+def only_run(log_root: Path) -> Path:
+    runs = sorted(log_root.glob("*/version_*"))
+    assert len(runs) == 1, f"expected one run under {log_root}, found {runs}"
+    return runs[0]
+
+
+def fit_args(data_root: Path, log_root: Path, *extra: str) -> list[str]:
+    """CLI args for a short run on the given data, logging under log_root."""
+    return ["fit", "--config", str(REPO / "configs" / "default.yaml"),
+            "--data.data_dir", str(data_root), "--data.verify_checksums", "false",
+            "--trainer.logger.init_args.save_dir", str(log_root),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--data.batch_size", "32", "--data.val_size", "100", "--trainer.log_every_n_steps", "1", *extra]

@@ -1,0 +1,152 @@
+"""The CLI as a user drives it: runs in-process through LightningCLI's ``args``, one in a new process."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import REPO, fit_args, only_run, read_events, scalar
+from mnist_lit.cli import main
+
+
+def checkpoint(run: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run / "checkpoints" / name, weights_only=True)
+
+
+def best_checkpoint(run: Path) -> Path:
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    return best
+
+
+def test_fit_writes_one_run_with_metrics_config_and_checkpoints(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "3"))
+    run = only_run(tmp_path / "logs")
+    events = read_events(run)
+    val_acc = scalar(events, "val/acc")
+    assert len(val_acc) == 3 and all(0 <= a <= 1 for a in val_acc) and val_acc[-1] > 0.9
+    assert scalar(events, "val/acc_best")[-1] == max(val_acc)
+    train_loss = scalar(events, "train/loss_epoch")
+    assert len(train_loss) == 3 and train_loss[-1] < train_loss[0]
+    assert {"train/acc", "train/loss_step", "val/loss"} <= set(events.Tags()["scalars"])
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["seed_everything"] == 0 and config["data"]["data_dir"] == str(tiny_mnist)
+    assert config["model"]["net"]["class_path"] == "mnist_lit.model.MLP"
+    assert best_checkpoint(run).name.startswith("best-epoch") and (run / "checkpoints" / "last.ckpt").is_file()
+    assert checkpoint(run)["global_step"] == 3 * 16  # 500 rows / batch 32 = 16 SGD steps per epoch
+
+
+def test_hparams_tab_holds_real_hyperparameters_and_a_real_metric(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1", "--model.lr", "0.05"))
+    events = read_events(only_run(tmp_path / "logs"))
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = dict(session.session_start_info.hparams)
+    assert hparams["lr"].number_value == 0.05 and hparams["batch_size"].number_value == 32
+    assert hparams["net/init_args/hidden1"].number_value == 512 and "seed" in hparams
+    assert not any(key.startswith("_") for key in hparams)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc_best"]
+    assert "hp_metric" not in events.Tags()["scalars"]
+    assert scalar(events, "val/acc_best")[-1] > 0.5  # the column's value is the run's real best
+
+
+def test_steps_per_training_step_does_not_change_the_optimization(tiny_mnist: Path, tmp_path: Path):
+    # 16 batches per epoch: with 5 steps per call the last call of each epoch holds one batch.
+    weights = []
+    for steps in ("1", "5"):
+        main(fit_args(tiny_mnist, tmp_path / steps, "--trainer.max_epochs", "2",
+                      "--model.steps_per_training_step", steps))
+        ckpt = checkpoint(only_run(tmp_path / steps))
+        assert ckpt["global_step"] == 32
+        weights.append(ckpt["state_dict"])
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_resume_continues_epoch_step_optimizer_and_schedule(tiny_mnist: Path, tmp_path: Path):
+    constant = ("--model.lr_schedule", "constant")
+    main(fit_args(tiny_mnist, tmp_path / "once", "--trainer.max_epochs", "2", *constant))
+    main(fit_args(tiny_mnist, tmp_path / "first", "--trainer.max_epochs", "1", *constant))
+    last = only_run(tmp_path / "first") / "checkpoints" / "last.ckpt"
+    main(fit_args(tiny_mnist, tmp_path / "resumed", "--trainer.max_epochs", "2", "--ckpt_path", str(last), *constant))
+
+    once, resumed = checkpoint(only_run(tmp_path / "once")), checkpoint(only_run(tmp_path / "resumed"))
+    assert resumed["global_step"] == once["global_step"] == 32 and resumed["epoch"] == 1
+    for name, tensor in once["state_dict"].items():  # same data order, same momentum buffers: same weights
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    events = read_events(only_run(tmp_path / "resumed"))
+    assert [e.step for e in events.Scalars("val/acc")] == [31]  # only the second epoch ran
+
+
+def test_resume_keeps_the_cosine_schedule_position(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "first", "--trainer.max_epochs", "2"))
+    last = only_run(tmp_path / "first") / "checkpoints" / "last.ckpt"
+    main(fit_args(tiny_mnist, tmp_path / "resumed", "--trainer.max_epochs", "4", "--ckpt_path", str(last)))
+    scheduler = checkpoint(only_run(tmp_path / "resumed"))["lr_schedulers"][0]
+    assert scheduler["last_epoch"] == 64 and scheduler["T_max"] == 32  # continued the original 2-epoch cosine
+
+
+def test_test_subcommand_evaluates_a_checkpoint_in_a_new_process(tiny_mnist: Path, tmp_path: Path):
+    # A non-default network: the architecture must come back from the checkpoint, not from default.yaml.
+    main(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "2",
+                  "--model.net.init_args.hidden1", "32", "--model.net.init_args.hidden2", "16"))
+    best = best_checkpoint(only_run(tmp_path / "fit"))
+    args = fit_args(tiny_mnist, tmp_path / "test", "--ckpt_path", str(best))
+    args[0] = "test"
+    done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    test_acc = scalar(read_events(only_run(tmp_path / "test")), "test/acc")
+    assert len(test_acc) == 1 and test_acc[0] > 0.8  # chance is 0.1
+    assert "test/acc" in done.stdout
+
+
+def test_help_and_print_config_name_the_real_command(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "usage: python -m mnist_lit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["lr"] == 0.1 and printed["data"]["batch_size"] == 128
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.hiden", "3"], "unrecognized arguments: --model.hiden"),
+    (["--model.lr", "abc"], 'Parser key "model.lr"'),
+    (["--data.batch_size", "0"], 'Parser key "data.batch_size"'),
+])
+def test_bad_option_gets_jsonargparse_message(args: list[str], message: str, capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / "configs" / "default.yaml"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_mistyped_key_in_a_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  lrr: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--config", str(typo)])
+    assert "does not accept option 'model.lrr'" in capsys.readouterr().err
+
+
+def test_missing_data_offline_ends_with_one_paragraph_and_writes_nothing(tmp_path: Path):
+    args = fit_args(tmp_path / "nothing", tmp_path / "logs", "--data.download", "false")
+    done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: MNIST files are missing from") and "Traceback" not in done.stderr
+    assert "train-images-idx3-ubyte.gz" in last_line and "--data.download true" in last_line
+    assert not list((tmp_path / "logs").glob("*/version_*/checkpoints"))
+
+
+def test_tensorboard_steps_count_sgd_steps(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--model.steps_per_training_step", "4",
+                  "--trainer.log_every_n_steps", "8"))
+    events = read_events(only_run(tmp_path / "logs"))
+    assert [e.step for e in events.Scalars("val/acc")] == [15, 31]  # 16 SGD steps per epoch
+    assert [e.step for e in events.Scalars("train/loss_step")] == [7, 15, 23, 31]
