@@ -1,0 +1,48 @@
+"""A callback for benchmark.py: records when training starts and how long each training epoch takes.
+
+Added to a run with ``--trainer.callbacks+=bench_probe.BenchmarkProbe`` (``scripts/`` on PYTHONPATH);
+writes JSON to the file named by $BENCHMARK_PROBE_OUT when fit ends. Validation is not timed.
+"""
+
+import json
+import os
+import time
+
+import torch
+from lightning.pytorch import Callback
+
+
+class BenchmarkProbe(Callback):
+    def __init__(self):
+        self.first_step_unix, self.epoch_train_s, self.started = None, [], None
+
+    @staticmethod
+    def now(pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # once per epoch edge, not per step
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.first_step_unix = self.first_step_unix or time.time()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.started = self.now(pl_module)
+
+    def stop(self, pl_module):
+        if self.started is not None:
+            self.epoch_train_s.append(self.now(pl_module) - self.started)
+            self.started = None
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.stop(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.stop(pl_module)
+
+    def on_fit_end(self, trainer, pl_module):
+        val_acc = trainer.callback_metrics.get("val/acc")
+        result = {"first_step_unix": self.first_step_unix, "epoch_train_s": self.epoch_train_s,
+                  "val_acc": None if val_acc is None else float(val_acc), "device": str(pl_module.device)}
+        with open(os.environ["BENCHMARK_PROBE_OUT"], "w") as f:
+            json.dump(result, f)
