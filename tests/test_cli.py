@@ -31,7 +31,7 @@ def test_fit_writes_one_run_with_metrics_config_and_checkpoints(tiny_mnist: Path
     assert scalar(events, "val/acc_best")[-1] == max(val_acc)
     train_loss = scalar(events, "train/loss_epoch")
     assert len(train_loss) == 3 and train_loss[-1] < train_loss[0]
-    assert {"train/acc", "train/loss_step", "val/loss"} <= set(events.Tags()["scalars"])
+    assert {"train/acc", "train/loss", "val/loss"} <= set(events.Tags()["scalars"])
 
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["seed_everything"] == 0 and config["data"]["data_dir"] == str(tiny_mnist)
@@ -149,4 +149,12 @@ def test_tensorboard_steps_count_sgd_steps(tiny_mnist: Path, tmp_path: Path):
                   "--trainer.log_every_n_steps", "8"))
     events = read_events(only_run(tmp_path / "logs"))
     assert [e.step for e in events.Scalars("val/acc")] == [15, 31]  # 16 SGD steps per epoch
-    assert [e.step for e in events.Scalars("train/loss_step")] == [7, 15, 23, 31]
+    assert [e.step for e in events.Scalars("train/loss")] == [7, 15, 23, 31]
+
+
+def test_debug_trainer_file_limits_batches_not_training_step_calls(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(REPO / "configs" / "trainer" / "debug.yaml"),
+                  "--trainer.limit_train_batches", "6"))
+    run = only_run(tmp_path / "logs")
+    assert checkpoint(run)["global_step"] == 2 * 6  # debug.yaml: 2 epochs; 6 SGD steps each, not 6 calls of 16
+    assert [e.step for e in read_events(run).Scalars("val/acc")] == [5, 11]

@@ -1,0 +1,96 @@
+"""Scale-out on CPU: 2-process DDP, 2 "nodes" under torchrun, bf16-mixed, FSDP; each in its own processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, fit_args, only_run, read_events, scalar
+
+TRAINER = REPO / "configs" / "trainer"
+TESTS = Path(__file__).parent
+
+
+def run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python -m mnist_lit ARGS` in a new process (DDP re-launches it once per rank)."""
+    done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(TESTS), **env})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def ddp_args(data: Path, logs: Path, *extra: str) -> list[str]:
+    return fit_args(data, logs, "--trainer", str(TRAINER / "ddp.yaml"), "--trainer.accelerator", "cpu",
+                    "--trainer.devices", "2", *extra)
+
+
+def test_ddp_ranks_share_each_epoch_and_write_one_run(tiny_mnist: Path, tmp_path: Path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    run_cli(ddp_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--data.val_size", "101",
+                     "--trainer.callbacks+=shard_recorder.ShardRecorder"), tmp_path, SHARD_RECORDER_DIR=str(shards))
+    for epoch in range(2):
+        rank0, rank1 = (json.loads((shards / f"rank{r}-epoch{epoch}.json").read_text()) for r in range(2))
+        assert len(rank0) == len(rank1) == 249  # 499 training rows: one dropped so both ranks step equally
+        assert not set(rank0) & set(rank1) and len(set(rank0 + rank1)) == 498
+    epoch0 = json.loads((shards / "rank0-epoch0.json").read_text())
+    assert epoch0 != json.loads((shards / "rank0-epoch1.json").read_text())  # reshuffled per epoch
+
+    run = only_run(tmp_path / "logs")  # one TensorBoard run, one config, one set of checkpoints
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1 and (run / "config.yaml").is_file()
+    assert sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir()) == ["best", "last.ckpt"]
+    # 249 rows per rank at batch 32: 8 steps per epoch, each one SGD step on both ranks
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 16
+
+
+def test_ddp_validation_metrics_equal_a_single_process_evaluation(tiny_mnist: Path, tmp_path: Path):
+    run_cli(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "1"), tmp_path)
+    ckpt = str(only_run(tmp_path / "fit") / "checkpoints" / "last.ckpt")
+    # 101 validation rows: rank 0 counts 51, rank 1 counts 50; the synced metric must count all 101.
+    single = fit_args(tiny_mnist, tmp_path / "single", "--data.val_size", "101", "--ckpt_path", ckpt)
+    double = ddp_args(tiny_mnist, tmp_path / "ddp", "--data.val_size", "101", "--ckpt_path", ckpt)
+    for args in (single, double):
+        args[0] = "validate"
+        run_cli(args, tmp_path)
+    one, two = read_events(only_run(tmp_path / "single")), read_events(only_run(tmp_path / "ddp"))
+    assert scalar(one, "val/acc") == scalar(two, "val/acc")
+    assert scalar(one, "val/loss") == pytest.approx(scalar(two, "val/loss"), rel=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_train_checkpoint_and_log_once(tiny_mnist: Path, tmp_path: Path):
+    port = free_port()
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(TRAINER / "multinode.yaml"),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1")
+    nodes = []
+    for node in range(2):  # two "machines" on 127.0.0.1, one process each, gloo backend
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                    "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                    "-m", "mnist_lit"]
+        nodes.append(subprocess.Popen([*torchrun, *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-4000:]
+    run = only_run(tmp_path / "logs")
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir()) == ["best", "last.ckpt"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8  # 250 rows per node at batch 32
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tiny_mnist: Path, tmp_path: Path):
+    run_cli(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.precision", "bf16-mixed",
+                     "--trainer.max_epochs", "2"), tmp_path)
+    assert scalar(read_events(only_run(tmp_path / "logs")), "val/acc")[-1] > 0.9
