@@ -11,6 +11,7 @@ Every option is an ``__init__`` argument of ``MNISTClassifier`` (``--model.*``),
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -22,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mnist_lit.data import MNISTDataError, MNISTDataModule
 from mnist_lit.model import MNISTClassifier
+from mnist_lit.report import TensorBoardReport, write_results
 
 TRAINER_DEFAULTS = {
     # One TensorBoard run per invocation: logs/mnist/version_N/, config.yaml and checkpoints/ beside the events.
@@ -42,6 +44,10 @@ class MNISTCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,  # the '/' in 'val/acc' would make a sub-folder
             "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
         })
+        parser.add_lightning_class_args(TensorBoardReport, "report")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="fit: then test the best checkpoint on t10k in the same run, write metrics.json "
+                                 "and the HPARAMS table.")
         parser.add_argument("--torch_threads", type=PositiveInt, default=1,
                             help="torch CPU threads. 1 is the default: on a few cores, 2 threads run at most "
                                  "~1.2x faster alone but 5-80x slower when another process is busy "
@@ -52,10 +58,15 @@ class MNISTCLI(LightningCLI):
         torch.set_num_threads(config.torch_threads)
 
     def after_fit(self) -> None:
-        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-        if best and self.trainer.is_global_zero:
-            print(f"\nBest checkpoint: {best}\nEvaluate it on the t10k test set:\n"
-                  f"  python -m mnist_lit test --config configs/default.yaml --ckpt_path {best}")
+        trainer, best = self.trainer, self.trainer.checkpoint_callback.best_model_path
+        run_folder = trainer.log_dir  # a collective under DDP: every rank asks
+        results = {k: v.item() for k, v in trainer.callback_metrics.items() if k in ("val/acc_best", "val/loss")}
+        if self.config.fit.test_after_fit:
+            (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+            results |= {k: test[k] for k in ("test/acc", "test/loss")}
+        write_results(trainer, results, best)
+        if trainer.is_global_zero:
+            print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best}\nRun folder: {run_folder}")
 
 
 def main(args: list[str] | None = None) -> MNISTCLI:

@@ -116,11 +116,6 @@ class MNISTClassifier(L.LightningModule):
         self.val_acc.reset()
         self.val_loss.reset()
         self.val_acc_best.reset()
-        if self.logger is not None:  # HPARAMS tab: the real hyperparameters against real metrics
-            data = self.trainer.datamodule.hparams if self.trainer.datamodule else {}
-            params = {k: v for k, v in {**self.hparams, **data}.items() if not k.startswith("_")}
-            self.logger.log_hyperparams(params | {"seed": torch.initial_seed()},
-                                        {"val/acc_best": 0.0})
 
     def training_step(self, dataloader_iter: Iterator) -> None:  # the name asks Lightning for its iterator
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -157,7 +152,7 @@ class MNISTClassifier(L.LightningModule):
             self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=samples)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=samples)
 
-    def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         accuracy, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
@@ -166,17 +161,18 @@ class MNISTClassifier(L.LightningModule):
         # Metric objects: Lightning computes, syncs across ranks and resets them at epoch end.
         self.log(f"{stage}/loss", mean_loss, on_epoch=True, prog_bar=stage == "val")
         self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=stage == "val")
+        return logits  # (B, 10), for callbacks (report.py: confusion matrix, misclassified digits)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.evaluate(batch, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self.val_acc_best.update(self.val_acc.compute())
         # Computed from the synced val/acc, so equal on every rank: sync_dist only silences Lightning's warning.
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.evaluate(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.evaluate(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, _ = batch

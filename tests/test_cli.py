@@ -1,5 +1,6 @@
 """The CLI as a user drives it: runs in-process through LightningCLI's ``args``, one in a new process."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,10 @@ def test_fit_writes_one_run_with_metrics_config_and_checkpoints(tiny_mnist: Path
     assert checkpoint(run)["global_step"] == 3 * 16  # 500 rows / batch 32 = 16 SGD steps per epoch
 
 
-def test_hparams_tab_holds_real_hyperparameters_and_a_real_metric(tiny_mnist: Path, tmp_path: Path):
-    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1", "--model.lr", "0.05"))
-    events = read_events(only_run(tmp_path / "logs"))
+def test_hparams_tab_and_metrics_json_hold_the_runs_real_results(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--model.lr", "0.05"))
+    run = only_run(tmp_path / "logs")
+    events = read_events(run)
     content = events.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = dict(session.session_start_info.hparams)
@@ -50,9 +52,17 @@ def test_hparams_tab_holds_real_hyperparameters_and_a_real_metric(tiny_mnist: Pa
     assert hparams["net/init_args/hidden1"].number_value == 512 and "seed" in hparams
     assert not any(key.startswith("_") for key in hparams)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc_best"]
+    columns = {m.name.tag for m in experiment.metric_infos}
+    assert columns == {"hp/val_acc_best", "hp/val_loss", "hp/test_acc", "hp/test_loss"}
     assert "hp_metric" not in events.Tags()["scalars"]
-    assert scalar(events, "val/acc_best")[-1] > 0.5  # the column's value is the run's real best
+
+    # The columns hold the run's real results: the best validation accuracy and the test of the best checkpoint.
+    assert scalar(events, "hp/val_acc_best") == [max(scalar(events, "val/acc"))]
+    assert scalar(events, "hp/test_acc") == scalar(events, "test/acc") and 0.5 < scalar(events, "test/acc")[0] <= 1
+    record = json.loads((run / "metrics.json").read_text())
+    assert record["metrics"]["test/acc"] == pytest.approx(scalar(events, "test/acc")[0])
+    assert record["best_checkpoint"].endswith(".ckpt") and record["seed"] == 0 and record["global_step"] == 32
+    assert {"git_commit", "git_dirty", "torch", "lightning", "device"} <= set(record["environment"])
 
 
 def test_steps_per_training_step_does_not_change_the_optimization(tiny_mnist: Path, tmp_path: Path):

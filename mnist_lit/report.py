@@ -1,0 +1,220 @@
+"""What a run shows beyond the module's loss and accuracy: learning rate, throughput, digits, confusion
+matrices in TensorBoard; the HPARAMS table and ``metrics.json`` once a run has its results.
+
+    python -m mnist_lit fit --config configs/default.yaml --report.histograms true
+    tensorboard --logdir logs
+
+Everything is written by rank 0 only; the confusion matrices are torchmetrics objects, computed
+(synced) on every rank. Cost on the default run: see docs/tensorboard.md.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeInt
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.utils import make_grid
+
+STAGES = ("val", "test")
+
+
+class TensorBoardReport(L.Callback):
+    """Adds to each TensorBoard run: ``train/lr``, ``train/samples_per_s``, an input-digit grid,
+    misclassified validation digits, confusion matrices and per-class accuracy (``--report.*``).
+
+    Args:
+        misclassified: misclassified validation digits shown per epoch, captioned predicted/true (0: none).
+        histograms: weight and gradient histograms after each training epoch.
+    """
+
+    def __init__(self, misclassified: NonNegativeInt = 32, histograms: bool = False):
+        self.misclassified, self.histograms = misclassified, histograms
+        self.confusion: dict[str, MulticlassConfusionMatrix] = {}
+        self.inputs_logged, self.epoch_started, self.wrong = False, None, []
+
+    def writer(self, trainer: L.Trainer):
+        """TensorBoard's SummaryWriter on rank 0, else None (no logger, another logger, another rank)."""
+        logger = trainer.logger
+        if trainer.is_global_zero and logger is not None and hasattr(logger.experiment, "add_figure"):
+            return logger.experiment
+        return None
+
+    def setup(self, trainer, pl_module, stage):
+        classes = pl_module.hparams.num_classes
+        self.confusion = {s: MulticlassConfusionMatrix(classes, validate_args=False).to(pl_module.device)
+                          for s in STAGES}
+
+    # -- training: learning rate and throughput ------------------------------------------------------
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        pl_module.log("train/lr", lr, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+
+    @staticmethod
+    def now(pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # once per epoch edge, not per step
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_started = self.now(pl_module)
+
+    def end_training_time(self, trainer, pl_module) -> None:
+        """Samples/s over the epoch's training steps only (validation runs before on_train_epoch_end)."""
+        if self.epoch_started is None:
+            return
+        seconds, self.epoch_started = self.now(pl_module) - self.epoch_started, None
+        loader = trainer.train_dataloader
+        rows = len(loader.sampler) if hasattr(loader, "sampler") else len(loader.dataset)
+        batch_size = getattr(loader, "batch_size", None) or rows
+        samples = min(rows, trainer.num_training_batches * batch_size) * trainer.world_size
+        # All ranks' samples over this rank's seconds; sync_dist averages the ranks' views.
+        pl_module.log("train/samples_per_s", samples / seconds, on_step=False, on_epoch=True, batch_size=1,
+                      sync_dist=True)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.training and not trainer.sanity_checking:
+            self.end_training_time(trainer, pl_module)
+        self.wrong = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.end_training_time(trainer, pl_module)  # when no validation ran this epoch
+        writer = self.writer(trainer)
+        if self.histograms and writer is not None:
+            for name, param in pl_module.named_parameters():
+                writer.add_histogram(f"weights/{name}", param, trainer.global_step)
+                if param.grad is not None:
+                    writer.add_histogram(f"gradients/{name}", param.grad, trainer.global_step)
+
+    # -- evaluation: digits, confusion matrix, per-class accuracy ------------------------------------
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.evaluated(trainer, "val", outputs, batch, batch_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.evaluated(trainer, "test", outputs, batch, batch_idx)
+
+    def evaluated(self, trainer, stage: str, logits: torch.Tensor, batch, batch_idx: int) -> None:
+        if trainer.sanity_checking:
+            return
+        x, y = batch
+        predicted = logits.argmax(1)
+        self.confusion[stage].update(predicted, y)
+        writer = self.writer(trainer)
+        if writer is None:
+            return
+        if not self.inputs_logged and batch_idx == 0:  # once per run: what the network is fed
+            writer.add_image(f"{stage}/inputs", make_grid(digits(x[:64]), nrow=8, normalize=True), 0)
+            self.inputs_logged = True
+        room = self.misclassified - sum(len(w[0]) for w in self.wrong)
+        wrong = (predicted != y).nonzero().flatten()[:room] if stage == "val" and room > 0 else []
+        if len(wrong):
+            self.wrong.append((digits(x[wrong]).cpu(), predicted[wrong].cpu(), y[wrong].cpu()))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        self.evaluation_done(trainer, pl_module, "val")
+        writer = self.writer(trainer)
+        if writer is not None and self.wrong:
+            images, predicted, true = (torch.cat(parts) for parts in zip(*self.wrong, strict=True))
+            writer.add_figure("val/misclassified", misclassified_figure(images, predicted, true), trainer.global_step)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self.evaluation_done(trainer, pl_module, "test")
+
+    def evaluation_done(self, trainer, pl_module, stage: str) -> None:
+        matrix = self.confusion[stage].compute()  # (true, predicted) counts, synced over ranks
+        self.confusion[stage].reset()
+        per_class = matrix.diag() / matrix.sum(1).clamp(min=1)
+        for digit, accuracy in enumerate(per_class.tolist()):
+            pl_module.log(f"{stage}/acc_per_class/{digit}", accuracy, batch_size=1, sync_dist=True)  # equal on all
+        writer = self.writer(trainer)
+        if writer is not None:
+            writer.add_figure(f"{stage}/confusion_matrix", confusion_figure(matrix.cpu()), trainer.global_step)
+            writer.add_text(f"{stage}/confusion_matrix", markdown_matrix(matrix.cpu()), trainer.global_step)
+
+
+def digits(x: torch.Tensor) -> torch.Tensor:
+    """(B, 784) or (B, 28, 28) -> (B, 1, 28, 28) images for display."""
+    return x.detach().float().reshape(len(x), 1, 28, 28)
+
+
+def misclassified_figure(images: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor):
+    import matplotlib.pyplot as plt  # imported on first use: ~0.5 s
+
+    columns = 8
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.25), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, p, t in zip(axes.flat, images, predicted.tolist(), true.tolist(), strict=False):
+        ax.imshow(image[0], cmap="gray")
+        ax.set_title(f"pred {p} / true {t}", fontsize=7, color="crimson")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: torch.Tensor):
+    import matplotlib.pyplot as plt
+
+    per_class = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(matrix.float().log1p(), cmap="Blues")
+    for (t, p), count in zip(torch.cartesian_prod(torch.arange(len(matrix)), torch.arange(len(matrix))).tolist(),
+                             matrix.flatten().tolist(), strict=True):
+        if count:
+            ax.text(p, t, count, ha="center", va="center", fontsize=7, color="white" if t == p else "black")
+    ax.set_xticks(range(len(matrix)))
+    ax.set_yticks(range(len(matrix)), [f"{d}  {a:.1%}" for d, a in enumerate(per_class)])
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit  (per-class accuracy)")
+    fig.tight_layout()
+    return fig
+
+
+def markdown_matrix(matrix: torch.Tensor) -> str:
+    header = "| true \\ predicted | " + " | ".join(map(str, range(len(matrix)))) + " |"
+    rule = "|---" * (len(matrix) + 1) + "|"
+    rows = [f"| {t} | " + " | ".join(map(str, row)) + " |" for t, row in enumerate(matrix.tolist())]
+    return "\n".join([header, rule, *rows])
+
+
+def environment() -> dict:
+    """What reproducing a run needs beyond its config: code version, packages, device."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+
+    import lightning
+    import torchmetrics
+    import torchvision
+
+    return {"git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain")),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "torchvision": torchvision.__version__, "torchmetrics": torchmetrics.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+
+
+def write_results(trainer: L.Trainer, results: dict[str, float], best_checkpoint: str) -> None:
+    """Rank 0: the HPARAMS table (model and data hyperparameters against these results, under
+    ``hp/`` tags so the metric curves stay untouched) and ``metrics.json`` in the run folder."""
+    if not trainer.is_global_zero or trainer.logger is None:
+        return
+    params = {**trainer.lightning_module.hparams, **(trainer.datamodule.hparams if trainer.datamodule else {})}
+    params = {k: v for k, v in params.items() if not k.startswith("_")} | {"seed": torch.initial_seed()}
+    hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in results.items()}
+    trainer.logger.log_hyperparams(params, hp_metrics)
+    record = {"metrics": results, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+              "best_checkpoint": best_checkpoint, "seed": torch.initial_seed(), "environment": environment()}
+    Path(trainer.logger.log_dir, "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
