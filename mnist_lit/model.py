@@ -147,10 +147,22 @@ class MNISTClassifier(L.LightningModule):
             self.train_acc.update(torch.cat(predictions), torch.cat(targets))
             self.train_loss.update(losses)
             samples = sum(len(t) for t in targets)  # Lightning asks for it under dataloader_iter
-            self.log("train/loss", losses.mean(), on_step=True, on_epoch=False, prog_bar=True,
-                     batch_size=samples)  # this rank's
+            self.log("train/loss", losses.mean(), on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                     batch_size=samples)
+            self.log_step_curves(losses, optimizer.param_groups[0]["lr"])
             self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=samples)
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=samples)
+
+    def log_step_curves(self, losses: torch.Tensor, lr: float) -> None:
+        """train/loss and train/lr every log_every_n_steps SGD steps, straight to the logger (rank 0).
+
+        Lightning's own step filter tests (step + 1) % n == 0 once per training_step call, which
+        misses most multiples when a call advances several steps.
+        """
+        every, step = self.trainer.log_every_n_steps, self.global_step
+        if self.logger is None or not self.trainer.is_global_zero or step // every == (step - len(losses)) // every:
+            return
+        self.logger.log_metrics({"train/loss": losses.mean().item(), "train/lr": lr}, step=step - 1)
 
     def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch

@@ -168,3 +168,12 @@ def test_debug_trainer_file_limits_batches_not_training_step_calls(tiny_mnist: P
     run = only_run(tmp_path / "logs")
     assert checkpoint(run)["global_step"] == 2 * 6  # debug.yaml: 2 epochs; 6 SGD steps each, not 6 calls of 16
     assert [e.step for e in read_events(run).Scalars("val/acc")] == [5, 11]
+
+
+def test_step_curves_keep_their_rhythm_when_calls_do_not_divide_the_interval(tiny_mnist: Path, tmp_path: Path):
+    # 16 batches per epoch in calls of 5, 5, 5, 1: a point every 8 SGD steps, on both epochs.
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--model.steps_per_training_step", "5",
+                  "--trainer.log_every_n_steps", "8"))
+    events = read_events(only_run(tmp_path / "logs"))
+    assert [e.step for e in events.Scalars("train/loss")] == [9, 15, 25, 31]
+    assert [e.step for e in events.Scalars("train/lr")] == [9, 15, 25, 31]
