@@ -22,7 +22,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mnist_lit.data import MNISTDataError, MNISTDataModule
-from mnist_lit.model import MNISTClassifier
+from mnist_lit.faults import (
+    SPECIAL_CKPT_PATHS,
+    CheckpointError,
+    LastCheckpoint,
+    LogFolderError,
+    check_fits,
+    check_log_folder,
+    load_checkpoint,
+)
+from mnist_lit.model import MNISTClassifier, TrainingDiverged
 from mnist_lit.report import TensorBoardReport, write_results
 
 TRAINER_DEFAULTS = {
@@ -37,7 +46,7 @@ class MNISTCLI(LightningCLI):
         # Two checkpoints in <run>/checkpoints/: the best by val/acc, and last.ckpt after every epoch
         # (Lightning 2.6 writes save_last only when the monitored metric improved, so it gets its own).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # also saved on SIGTERM / Ctrl-C
         parser.set_defaults({
             "checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
             "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
@@ -52,6 +61,22 @@ class MNISTCLI(LightningCLI):
                             help="torch CPU threads. 1 is the default: on a few cores, 2 threads run at most "
                                  "~1.2x faster alone but 5-80x slower when another process is busy "
                                  "(docs/benchmarks.md).")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Checked here, before Lightning reads hyperparameters from it: a clear refusal, nothing unpickled.
+        ckpt_path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
+            load_checkpoint(ckpt_path)
+
+    def before_run(self) -> None:
+        """Before any subcommand: the checkpoint fits the network, and the run folder can be written."""
+        check_fits(self.model, self.config[self.subcommand].get("ckpt_path") or "best")
+        logger = self.trainer.logger
+        if logger is not None and getattr(logger, "save_dir", None):
+            check_log_folder(logger.save_dir)
+
+    before_fit = before_validate = before_test = before_predict = before_run
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -70,14 +95,15 @@ class MNISTCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> MNISTCLI:
-    """Run the CLI; a data problem ends it with its one-paragraph message (JSONARGPARSE_DEBUG=1: traceback)."""
+    """Run the CLI; a problem the user can fix ends it with its one-paragraph message and exit code 1
+    (JSONARGPARSE_DEBUG=1 shows the traceback)."""
     # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
     warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
     try:
         return MNISTCLI(MNISTClassifier, MNISTDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
                         auto_configure_optimizers=False,  # SGD is configured by --model.* only
                         parser_kwargs={"prog": "python -m mnist_lit"})
-    except MNISTDataError as err:
+    except (MNISTDataError, CheckpointError, LogFolderError, TrainingDiverged) as err:
         if os.environ.get("JSONARGPARSE_DEBUG"):
             raise
         sys.exit(f"error: {err}")

@@ -137,14 +137,26 @@ class InMemoryBatches:
                  scale: float, shift: float):
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
         self.scale, self.shift = scale, shift
+        self.batches_done, self.resume = 0, None  # (epoch, batches) to skip after a mid-epoch restore
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
-        for rows in self.sampler.indices().to(self.images.device).split(self.batch_size):
+        skip = self.resume[1] if self.resume and self.resume[0] == self.sampler.epoch else 0
+        self.resume, self.batches_done = None, skip
+        for rows in self.sampler.indices().to(self.images.device).split(self.batch_size)[skip:]:
             x = self.images[rows].flatten(1).float().mul_(self.scale).add_(self.shift)  # (B, 28, 28) u8 -> (B, 784)
+            self.batches_done += 1
             yield x, self.labels[rows]
+
+    # Lightning saves these in every checkpoint and restores them on resume, so a run stopped in the
+    # middle of an epoch continues with the very next batch of the same permutation.
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume = (state["epoch"], state["batches_done"])
 
 
 class MNISTDataModule(L.LightningDataModule):

@@ -43,6 +43,10 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the likely fix."""
+
+
 class MNISTClassifier(L.LightningModule):
     """A classifier trained with SGD on cross-entropy, logging ``{train,val,test}/{loss,acc}`` and ``val/acc_best``.
 
@@ -81,6 +85,9 @@ class MNISTClassifier(L.LightningModule):
         # Mean losses: weighted by batch size and synced across DDP ranks once per epoch.
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        # Saved in checkpoints, so a resumed run keeps its best. (The training metrics are not: a checkpoint
+        # written at an epoch's end still holds that epoch's counts, which must not leak into the next one.)
+        self.val_acc_best.persistent(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net_forward(x)  # (B, 784) -> (B, 10) logits
@@ -111,12 +118,6 @@ class MNISTClassifier(L.LightningModule):
         needs_lightning = distributed or getattr(self.trainer.precision_plugin, "scaler", None) is not None
         self.run_backward = self.manual_backward if needs_lightning else torch.Tensor.backward
 
-    def on_train_start(self) -> None:
-        # The sanity check ran validation before training: its numbers are not a result.
-        self.val_acc.reset()
-        self.val_loss.reset()
-        self.val_acc_best.reset()
-
     def training_step(self, dataloader_iter: Iterator) -> None:  # the name asks Lightning for its iterator
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         losses, predictions, targets = [], [], []
@@ -139,6 +140,14 @@ class MNISTClassifier(L.LightningModule):
             losses.append(loss.detach())
             predictions.append(logits.detach().argmax(1))
             targets.append(y)
+        if losses and not torch.isfinite(torch.stack(losses)).all():  # one device sync per call
+            bad = next(i for i, loss in enumerate(losses) if not torch.isfinite(loss))
+            raise TrainingDiverged(
+                f"The training loss became {losses[bad].item()} at SGD step {self.global_step - len(losses) + bad} "
+                f"(epoch {self.current_epoch}, lr {optimizer.param_groups[0]['lr']:.3g}); training stopped and no "
+                "checkpoint was written from it. The learning rate is most likely too high for this network and "
+                "batch size: lower --model.lr (0.1 is the tested default; try 10x lower), or resume from the "
+                "last good checkpoint (checkpoints/last.ckpt of this run) with a lower lr.")
         # Lightning counts one logging step per call; count SGD steps instead, so that TensorBoard's x-axis
         # and log_every_n_steps mean optimizer steps for any steps_per_training_step.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
@@ -179,6 +188,8 @@ class MNISTClassifier(L.LightningModule):
         return self.evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a check of the code before training, not a result
+            return
         self.val_acc_best.update(self.val_acc.compute())
         # Computed from the synced val/acc, so equal on every rank: sync_dist only silences Lightning's warning.
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)

@@ -75,7 +75,8 @@ def test_steps_per_training_step_does_not_change_the_optimization(tiny_mnist: Pa
         assert ckpt["global_step"] == 32
         weights.append(ckpt["state_dict"])
     for name, tensor in weights[0].items():
-        assert torch.equal(tensor, weights[1][name]), name
+        if name.startswith("net."):  # the network (metric states depend on when Lightning resets them)
+            assert torch.equal(tensor, weights[1][name]), name
 
 
 def test_resume_continues_epoch_step_optimizer_and_schedule(tiny_mnist: Path, tmp_path: Path):

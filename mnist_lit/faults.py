@@ -1,0 +1,102 @@
+"""Nothing lost: checkpoints are checked before use (and never unpickled into code), interrupted runs
+leave a checkpoint to resume from, and every such problem ends in one paragraph naming the fix.
+
+    python -m mnist_lit fit --config configs/default.yaml --ckpt_path logs/mnist/version_0/checkpoints/last.ckpt
+
+Lightning already writes each checkpoint to a temporary file and moves it into place (fsspec
+transaction), so a write that fails part-way leaves the previous checkpoint intact; a test checks it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
+
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning itself
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one paragraph naming the file and the fix."""
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint's contents, loaded as tensors and plain values only (``weights_only``): a file
+    whose unpickling would run code is refused before anything in it runs."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist. Pass the path of a .ckpt file, e.g. "
+                              "logs/mnist/version_N/checkpoints/last.ckpt (fit prints the best one when it ends).")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message opens with general advice; the line that says what was found comes later.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if not line.startswith(("Weights only", "Check the doc", "Please",
+                                                                          "(1)", "(2)", "WeightsUnpickler"))),
+                      lines[0] if lines else "unpickling failed")
+        if "GLOBAL" in detail or "global" in detail:
+            raise CheckpointError(
+                f"Refused to load {path}: it asks to import and run code while loading "
+                f"({detail}), and mnist_lit loads checkpoints as tensors and plain "
+                "values only, so nothing in it was executed. Checkpoints written by mnist_lit never need that: "
+                "use one from a run you trust.") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({detail}): it is "
+                              "damaged or not a PyTorch file. Use another checkpoint of the run, e.g. last.ckpt "
+                              "beside it.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0].strip()}): it is "
+                              "truncated or damaged. Use another checkpoint of the run, e.g. last.ckpt beside "
+                              "it.") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict). "
+                              "Pass a .ckpt written by mnist_lit's fit.")
+    return checkpoint
+
+
+def check_fits(model: nn.Module, path: str) -> None:
+    """Raise, naming every differing layer, when the checkpoint's weights do not fit ``model``."""
+    if path in SPECIAL_CKPT_PATHS:
+        return
+    # The network's weights only: metric states and the like are not part of the architecture.
+    theirs = {k: v for k, v in load_checkpoint(path)["state_dict"].items() if k.startswith("net.")}
+    ours = {k: v for k, v in model.state_dict().items() if k.startswith("net.")}
+    problems = [f"{name} is {list(theirs[name].shape)} there but {list(t.shape)} here"
+                for name, t in ours.items() if name in theirs and theirs[name].shape != t.shape]
+    problems += [f"{name} is missing there" for name in ours if name not in theirs]
+    problems += [f"{name} is unknown here" for name in theirs if name not in ours]
+    if problems:
+        raise CheckpointError(f"Checkpoint {path} holds another network than the one configured: "
+                              f"{'; '.join(problems)}. Configure the network it was trained with (its run folder's "
+                              "config.yaml: --config <run>/config.yaml), or pass a checkpoint of this network.")
+
+
+class LogFolderError(RuntimeError):
+    """The run folder cannot be written; the message names it and the fix."""
+
+
+def check_log_folder(save_dir: str) -> None:
+    """Fail before training, not after the first epoch, when runs cannot be written under ``save_dir``."""
+    folder = Path(save_dir).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    if not writable:
+        what = "is a file, not a folder" if not existing.is_dir() else "is not writable"
+        raise LogFolderError(f"Runs cannot be written under {folder}: {existing} {what}. Choose another folder with "
+                             "--trainer.logger.init_args.save_dir DIR (default: logs).")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every epoch, and also when the run is interrupted (SIGTERM, e.g. a scheduler's
+    pre-emption, or Ctrl-C), mid-epoch included; not on errors, whose state may be broken (NaN)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+        if interrupted and self.dirpath and not trainer.sanity_checking:
+            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"))
