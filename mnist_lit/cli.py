@@ -20,6 +20,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from mnist_lit.data import MNISTDataError, MNISTDataModule
 from mnist_lit.faults import (
@@ -28,7 +29,7 @@ from mnist_lit.faults import (
     LastCheckpoint,
     LogFolderError,
     check_fits,
-    check_log_folder,
+    claim_run_folder,
     load_checkpoint,
 )
 from mnist_lit.model import MNISTClassifier, TrainingDiverged
@@ -70,11 +71,14 @@ class MNISTCLI(LightningCLI):
             load_checkpoint(ckpt_path)
 
     def before_run(self) -> None:
-        """Before any subcommand: the checkpoint fits the network, and the run folder can be written."""
+        """Before any subcommand: the checkpoint fits the configured network, and the run folder is claimed."""
         check_fits(self.model, self.config[self.subcommand].get("ckpt_path") or "best")
         logger = self.trainer.logger
-        if logger is not None and getattr(logger, "save_dir", None):
-            check_log_folder(logger.save_dir)
+        launched_rank = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0"
+        if isinstance(logger, TensorBoardLogger) and logger._version is None and not launched_rank:
+            # Set on the logger, not in the config: the saved config.yaml stays reusable for a new run.
+            # Other DDP ranks take rank 0's folder from Lightning.
+            logger._version = claim_run_folder(logger.save_dir, logger.name)
 
     before_fit = before_validate = before_test = before_predict = before_run
 

@@ -92,6 +92,22 @@ def check_log_folder(save_dir: str) -> None:
                              "--trainer.logger.init_args.save_dir DIR (default: logs).")
 
 
+def claim_run_folder(save_dir: str, name: str) -> int:
+    """The next free version_N under save_dir/name, created atomically (mkdir), so that two runs started
+    at the same moment in the same folder never share a run folder (Lightning only lists and counts)."""
+    check_log_folder(save_dir)
+    root = Path(save_dir, name)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` after every epoch, and also when the run is interrupted (SIGTERM, e.g. a scheduler's
     pre-emption, or Ctrl-C), mid-epoch included; not on errors, whose state may be broken (NaN)."""

@@ -100,3 +100,20 @@ def test_standardize_uses_the_training_split_statistics(tiny_mnist: Path):
     data = datamodule(tiny_mnist, standardize=True, batch_size=500)
     x, _ = next(iter(data.train_dataloader()))  # the whole training split in one batch
     assert abs(x.mean().item()) < 1e-4 and abs(x.std(unbiased=False).item() - 1) < 1e-4
+
+
+def test_training_batches_continue_after_a_mid_epoch_restore():
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1).expand(20, 28, 28).contiguous()
+    sampler = ShardedShuffle(20, seed=3, shuffle=True)
+    loader = InMemoryBatches(images, torch.arange(20), 4, sampler, scale=1.0, shift=0.0)
+    sampler.set_epoch(2)
+    whole = [y.tolist() for _, y in loader]
+    partial = iter(loader)
+    first_two = [next(partial)[1].tolist() for _ in range(2)]
+    state = loader.state_dict()  # what a checkpoint holds after two batches of epoch 2
+    fresh = InMemoryBatches(images, torch.arange(20), 4, ShardedShuffle(20, seed=3, shuffle=True), 1.0, 0.0)
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(2)
+    assert first_two + [y.tolist() for _, y in fresh] == whole  # the very next batch, same permutation
+    fresh.sampler.set_epoch(3)
+    assert len(list(fresh)) == 5  # the skip applies to the restored epoch only

@@ -1,0 +1,150 @@
+"""Nothing lost: bad checkpoints and folders get one paragraph, interrupted and killed runs resume exactly,
+a failed checkpoint write keeps the previous one, untrusted checkpoints run no code."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fit_args, only_run, write_mnist
+from mnist_lit.cli import main
+
+
+def trained_checkpoint(data: Path, tmp_path: Path, *extra: str) -> Path:
+    main(fit_args(data, tmp_path / "trained", "--trainer.max_epochs", "1", *extra))
+    return only_run(tmp_path / "trained") / "checkpoints" / "last.ckpt"
+
+
+def fails_with(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """The CLI's one-paragraph error for args (exit code 1, no traceback)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 or str(exit_.value.code).startswith("error:")
+    message = str(exit_.value.code) if str(exit_.value.code).startswith("error:") else err[-1]
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+class WritesAFile:
+    """Unpickling this runs `touch <path>`: what a malicious checkpoint would do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    ckpt = torch.load(good, weights_only=True)
+    other = dict(ckpt, state_dict={k: torch.zeros(7, *v.shape[1:]) if k.startswith("net.") else v
+                                   for k, v in ckpt["state_dict"].items()})
+    other.pop("hyper_parameters")
+    files = {
+        "missing": (tmp_path / "nope.ckpt", "does not exist"),
+        "random bytes": (tmp_path / "random.ckpt", "is not a readable checkpoint"),
+        "truncated": (tmp_path / "truncated.ckpt", "is not a readable checkpoint"),
+        "not lightning": (tmp_path / "plain.pt", "not a Lightning checkpoint"),
+        "other network": (tmp_path / "other.ckpt", "net.layers.1.weight is [7, 784] there but [512, 784] here"),
+        "runs code": (tmp_path / "evil.ckpt", "Refused to load"),
+    }
+    files["random bytes"][0].write_bytes(os.urandom(2000))
+    files["truncated"][0].write_bytes(good.read_bytes()[:5000])
+    torch.save({"weights": torch.zeros(3)}, files["not lightning"][0])
+    torch.save(other, files["other network"][0])
+    torch.save({"state_dict": {}, "payload": WritesAFile(tmp_path / "PWNED")}, files["runs code"][0])
+    return files
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+@pytest.mark.parametrize("case", ["missing", "random bytes", "truncated", "not lightning", "other network",
+                                  "runs code"])
+def test_bad_checkpoint_gets_one_paragraph_and_runs_nothing(tiny_mnist: Path, tmp_path: Path, case: str,
+                                                            subcommand: str, capsys: pytest.CaptureFixture):
+    good = trained_checkpoint(tiny_mnist, tmp_path)
+    path, expected = bad_checkpoints(tmp_path, good)[case]
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--ckpt_path", str(path))
+    args[0] = subcommand
+    message = fails_with(args, capsys)
+    assert expected in message and str(path) in message
+    assert not (tmp_path / "PWNED").exists()  # the malicious payload never ran
+    assert torch.load(good, weights_only=True)["global_step"] == 16  # nothing already written was touched
+
+
+def test_log_folder_that_cannot_be_written_is_named(tiny_mnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    (tmp_path / "a_file").write_text("not a folder")
+    message = fails_with(fit_args(tiny_mnist, tmp_path / "a_file" / "logs"), capsys)
+    assert "a_file is a file, not a folder" in message and "--trainer.logger.init_args.save_dir" in message
+
+
+@pytest.mark.parametrize("option", ["--model.net.init_args.hidden1=0", "--model.net.init_args.hidden2=-3",
+                                    "--data.eval_batch_size=0", "--model.lr=-1"])
+def test_impossible_sizes_are_refused_at_parse_time(tiny_mnist: Path, tmp_path: Path, option: str,
+                                                    capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args(tiny_mnist, tmp_path / "logs", option))
+    assert exit_.value.code == 2 and option.split("=")[0].lstrip("-").split(".")[-1] in capsys.readouterr().err
+
+
+def test_diverging_loss_stops_with_the_step_and_writes_no_broken_checkpoint(
+        tiny_mnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    good = trained_checkpoint(tiny_mnist, tmp_path)
+    before = good.read_bytes()
+    message = fails_with(fit_args(tiny_mnist, tmp_path / "logs", "--model.lr", "1e9"), capsys)
+    assert "The training loss became" in message and "at SGD step" in message and "--model.lr" in message
+    assert good.read_bytes() == before  # an earlier run's checkpoints are untouched
+    for ckpt in (tmp_path / "logs").rglob("*.ckpt"):  # and nothing non-finite was saved
+        weights = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in weights.values()), ckpt
+
+
+def test_a_checkpoint_write_that_fails_part_way_leaves_the_previous_one(tiny_mnist: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    from fsspec.implementations.local import LocalFileOpener
+
+    real_write, state = LocalFileOpener.write, {"writes": 0}
+
+    def disk_full_on_third_save(self, data):
+        state["writes"] += 1
+        if state["writes"] == 3:  # epoch 1's best checkpoint: half the bytes, then the disk is full
+            real_write(self, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", disk_full_on_third_save)
+    with pytest.raises(OSError, match="No space left"):
+        main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "3"))
+    checkpoints = only_run(tmp_path / "logs") / "checkpoints"
+    for ckpt in checkpoints.glob("*.ckpt"):  # every file there is whole and from epoch 0
+        assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+    assert not [p for p in checkpoints.iterdir() if not p.name.endswith(".ckpt")]  # no partial temp files
+
+
+# -- an interrupted run leaves a checkpoint -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_last_checkpoint_and_exits(tmp_path: Path):
+    data = write_mnist(tmp_path / "data", n_train=100 + 640 * 32)  # 640 batches an epoch
+    args = fit_args(data, tmp_path / "logs", "--trainer.max_epochs", "20", "--data.val_size", "100")
+    run = subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "logs" / "mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists():  # the first epoch has ended
+        assert run.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.3, 0.8))  # somewhere inside the second epoch
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=60)
+    assert "Traceback" not in run.stderr.read()
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 640 < step < 1280  # written at the interruption, not at an epoch's end
+    assert not (tmp_path / "logs" / "mnist" / "version_0" / "metrics.json").exists()  # the run did not finish
