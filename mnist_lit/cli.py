@@ -59,9 +59,8 @@ class MNISTCLI(LightningCLI):
                             help="fit: then test the best checkpoint on t10k in the same run, write metrics.json "
                                  "and the HPARAMS table.")
         parser.add_argument("--torch_threads", type=PositiveInt, default=1,
-                            help="torch CPU threads. 1 is the default: on a few cores, 2 threads run at most "
-                                 "~1.2x faster alone but 5-80x slower when another process is busy "
-                                 "(docs/benchmarks.md).")
+                            help="torch CPU threads. 1 is the default: on 2 cores, 2 threads trained 1.4x faster "
+                                 "alone but 2.8x slower than 1 thread beside a busy process (docs/benchmarks.md).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)

@@ -2,6 +2,7 @@
 
 import gzip
 import shutil
+import socket
 import struct
 from pathlib import Path
 
@@ -66,6 +67,13 @@ def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for source in sources:  # copyfile, not copytree: the shared folder is read-only, the copy must not be
         shutil.copyfile(source, raw / source.name)
     return raw.parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_events(run_dir: Path) -> EventAccumulator:

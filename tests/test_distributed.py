@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, fit_args, only_run, read_events, scalar
+from conftest import REPO, fit_args, free_port, only_run, read_events, scalar
 
 TRAINER = REPO / "configs" / "trainer"
 TESTS = Path(__file__).parent
@@ -66,12 +65,6 @@ def test_ddp_validation_metrics_equal_a_single_process_evaluation(tiny_mnist: Pa
     one, two = read_events(only_run(tmp_path / "single")), read_events(only_run(tmp_path / "ddp"))
     assert scalar(one, "val/acc") == scalar(two, "val/acc")
     assert scalar(one, "val/loss") == pytest.approx(scalar(two, "val/loss"), rel=1e-6)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_under_torchrun_train_checkpoint_and_log_once(tiny_mnist: Path, tmp_path: Path):

@@ -3,7 +3,6 @@ reader and served by a real `tensorboard` process over HTTP."""
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fit_args, only_run, read_events, scalar
+from conftest import fit_args, free_port, only_run, read_events, scalar
 from mnist_lit.cli import main
 
 SCALARS = ["train/loss", "train/loss_epoch", "train/acc", "train/lr", "train/samples_per_s", "val/loss", "val/acc",
@@ -72,12 +71,6 @@ def test_report_can_be_switched_down(tiny_mnist: Path, tmp_path: Path):
     events = read_events(only_run(tmp_path / "logs"))
     assert "val/misclassified" not in events.Tags()["images"]
     assert not events.Tags()["histograms"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, body: dict | None = None):
