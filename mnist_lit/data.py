@@ -150,13 +150,9 @@ class InMemoryBatches:
             self.batches_done += 1
             yield x, self.labels[rows]
 
-    # Lightning saves these in every checkpoint and restores them on resume, so a run stopped in the
-    # middle of an epoch continues with the very next batch of the same permutation.
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.resume = (state["epoch"], state["batches_done"])
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches served in it): saved in checkpoints by MNISTDataModule.state_dict."""
+        return self.sampler.epoch, self.batches_done
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -182,6 +178,16 @@ class MNISTDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.raw_dir = Path(data_dir) / "MNIST" / "raw"
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.train_loader: InMemoryBatches | None = None
+        self.resume: tuple[int, int] | None = None  # the training position restored from a checkpoint
+
+    # Lightning stores these in every checkpoint and restores them before any loader is built, so a run
+    # stopped in the middle of an epoch continues with the very next batch of the same permutation.
+    def state_dict(self) -> dict:
+        return {"train_position": list(self.train_loader.position())} if self.train_loader else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume = tuple(state["train_position"]) if "train_position" in state else None
 
     def missing_files(self) -> list[str]:
         return [name for name in MNIST_FILES if find_idx(self.raw_dir, name) is None]
@@ -247,7 +253,9 @@ class MNISTDataModule(L.LightningDataModule):
                                self.scale, self.shift)
 
     def train_dataloader(self) -> InMemoryBatches:
-        return self.loader("train", train=True)
+        self.train_loader = self.loader("train", train=True)
+        self.train_loader.resume, self.resume = self.resume, None
+        return self.train_loader
 
     def val_dataloader(self) -> InMemoryBatches:
         return self.loader("val")

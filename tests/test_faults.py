@@ -127,24 +127,63 @@ def test_a_checkpoint_write_that_fails_part_way_leaves_the_previous_one(tiny_mni
     assert not [p for p in checkpoints.iterdir() if not p.name.endswith(".ckpt")]  # no partial temp files
 
 
-# -- an interrupted run leaves a checkpoint -------------------------------------------------------------------
+# -- interrupted and killed runs resume exactly ----------------------------------------------------------------
+
+
+def long_run_args(data: Path, logs: Path, *extra: str) -> list[str]:
+    # 640 batches an epoch (40 training_step calls of 16); --last_checkpoint.every_n_train_steps 32 keeps a
+    # checkpoint at most 32 SGD steps old, the guard against SIGKILL.
+    return fit_args(data, logs, "--trainer.max_epochs", "2", "--data.val_size", "100", *extra)
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """20,580 rows and the final checkpoint of an uninterrupted 2-epoch run."""
+    root = tmp_path_factory.mktemp("long")
+    data = write_mnist(root / "data", n_train=100 + 640 * 32)
+    main(long_run_args(data, root / "once"))
+    return data, torch.load(only_run(root / "once") / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def interrupt(data: Path, logs: Path, sig: signal.Signals, *extra: str) -> Path:
+    """Start a run, send sig at a random moment of its second epoch, return its last.ckpt."""
+    run = subprocess.Popen([sys.executable, "-m", "mnist_lit", *long_run_args(data, logs, *extra)], cwd=logs.parent,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = logs / "mnist" / "version_0" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("best-epoch00-*.ckpt")):  # the first epoch has ended
+        assert run.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.1, 0.6))
+    run.send_signal(sig)
+    run.wait(timeout=60)
+    assert "Traceback" not in run.stderr.read()
+    return checkpoints / "last.ckpt"
+
+
+def assert_resume_equals(once: dict, data: Path, last: Path, logs: Path) -> None:
+    main([*long_run_args(data, logs), "--ckpt_path", str(last)])
+    resumed = torch.load(only_run(logs) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == once["global_step"] == 2 * 640
+    for name, tensor in once["state_dict"].items():  # bit-identical network and best-so-far
+        if name.startswith(("net.", "val_acc_best")):
+            assert torch.equal(tensor, resumed["state_dict"][name]), name
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_last_checkpoint_and_exits(tmp_path: Path):
-    data = write_mnist(tmp_path / "data", n_train=100 + 640 * 32)  # 640 batches an epoch
-    args = fit_args(data, tmp_path / "logs", "--trainer.max_epochs", "20", "--data.val_size", "100")
-    run = subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    last = tmp_path / "logs" / "mnist" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists():  # the first epoch has ended
-        assert run.poll() is None and time.monotonic() < deadline, "no epoch finished"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.3, 0.8))  # somewhere inside the second epoch
-    run.send_signal(signal.SIGTERM)
-    run.wait(timeout=60)
-    assert "Traceback" not in run.stderr.read()
+def test_sigterm_mid_epoch_saves_last_checkpoint_and_resume_equals_an_uninterrupted_run(long_data, tmp_path: Path):
+    data, once = long_data
+    last = interrupt(data, tmp_path / "logs", signal.SIGTERM)
     step = torch.load(last, weights_only=True)["global_step"]
-    assert 640 < step < 1280  # written at the interruption, not at an epoch's end
-    assert not (tmp_path / "logs" / "mnist" / "version_0" / "metrics.json").exists()  # the run did not finish
+    assert 640 < step < 1280  # written at the interruption, inside the second epoch
+    assert not (last.parent.parent / "metrics.json").exists()  # the run did not finish
+    assert_resume_equals(once, data, last, tmp_path / "resumed")
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(long_data, tmp_path: Path):
+    data, once = long_data
+    last = interrupt(data, tmp_path / "logs", signal.SIGKILL, "--last_checkpoint.every_n_train_steps", "32")
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 640 < step < 1280 and step % 32 == 0  # a periodic checkpoint from the middle of the second epoch
+    assert_resume_equals(once, data, last, tmp_path / "resumed")
