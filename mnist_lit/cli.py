@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import warnings
 
@@ -79,7 +80,14 @@ class MNISTCLI(LightningCLI):
             # Other DDP ranks take rank 0's folder from Lightning.
             logger._version = claim_run_folder(logger.save_dir, logger.name)
 
-    before_fit = before_validate = before_test = before_predict = before_run
+    before_validate = before_test = before_predict = before_run
+
+    def before_fit(self) -> None:
+        self.before_run()
+        # Ctrl-C raises KeyboardInterrupt wherever Python happens to be, e.g. between taking a batch and
+        # stepping on it. Turned into SIGTERM, it stops at Lightning's next safe point instead, so the
+        # last.ckpt written on the way out resumes exactly.
+        signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -87,6 +95,8 @@ class MNISTCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer, best = self.trainer, self.trainer.checkpoint_callback.best_model_path
+        if trainer.interrupted:  # Ctrl-C: last.ckpt was written; an unfinished run has no results
+            return
         run_folder = trainer.log_dir  # a collective under DDP: every rank asks
         results = {k: v.item() for k, v in trainer.callback_metrics.items() if k in ("val/acc_best", "val/loss")}
         if self.config.fit.test_after_fit:
@@ -102,6 +112,7 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     (JSONARGPARSE_DEBUG=1 shows the traceback)."""
     # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
     warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
+    sigint_handler = signal.getsignal(signal.SIGINT)  # before_fit replaces it for the run's duration
     try:
         return MNISTCLI(MNISTClassifier, MNISTDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
                         auto_configure_optimizers=False,  # SGD is configured by --model.* only
@@ -110,3 +121,5 @@ def main(args: list[str] | None = None) -> MNISTCLI:
         if os.environ.get("JSONARGPARSE_DEBUG"):
             raise
         sys.exit(f"error: {err}")
+    finally:
+        signal.signal(signal.SIGINT, sigint_handler)

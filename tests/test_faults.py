@@ -171,9 +171,11 @@ def assert_resume_equals(once: dict, data: Path, last: Path, logs: Path) -> None
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_last_checkpoint_and_resume_equals_an_uninterrupted_run(long_data, tmp_path: Path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_interrupt_mid_epoch_saves_last_checkpoint_and_resume_equals_an_uninterrupted_run(
+        long_data, tmp_path: Path, sig: signal.Signals):
     data, once = long_data
-    last = interrupt(data, tmp_path / "logs", signal.SIGTERM)
+    last = interrupt(data, tmp_path / "logs", sig)
     step = torch.load(last, weights_only=True)["global_step"]
     assert 640 < step < 1280  # written at the interruption, inside the second epoch
     assert not (last.parent.parent / "metrics.json").exists()  # the run did not finish
@@ -187,3 +189,17 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(long_d
     step = torch.load(last, weights_only=True)["global_step"]
     assert 640 < step < 1280 and step % 32 == 0  # a periodic checkpoint from the middle of the second epoch
     assert_resume_equals(once, data, last, tmp_path / "resumed")
+
+
+def test_runs_started_together_in_one_folder_get_their_own_run_folders(tiny_mnist: Path, tmp_path: Path):
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1")
+    runs = [subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()[-3000:]
+    folders = sorted((tmp_path / "logs" / "mnist").iterdir())
+    assert [f.name for f in folders] == ["version_0", "version_1", "version_2"]
+    for folder in folders:  # each complete, none overwritten: one writer process per folder
+        assert (folder / "config.yaml").is_file() and (folder / "metrics.json").is_file()
+        assert (folder / "checkpoints" / "last.ckpt").is_file()
+        assert len({p.name.split(".")[-2] for p in folder.glob("events.out.tfevents.*")}) == 1
