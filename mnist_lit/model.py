@@ -43,6 +43,29 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
+class SmallCNN(nn.Module):
+    """Two 3x3 conv blocks and a linear head, (B, 784) pixels -> (B, 10) logits: the example of a swapped
+    network (configs/experiment/cnn.yaml, docs/extending.md).
+
+    Args:
+        channels: channels of the first conv block (the second has twice as many).
+        num_classes: number of outputs (logits).
+    """
+
+    def __init__(self, channels: PositiveInt = 16, num_classes: PositiveInt = 10):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),  # (B, 784) -> (B, 1, 28, 28)
+            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # -> (B, C, 14, 14)
+            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # -> (B, 2C, 7, 7)
+            nn.Flatten(),
+            nn.Linear(2 * channels * 7 * 7, num_classes),  # -> (B, 10) logits
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.reshape(len(x), -1))
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the likely fix."""
 
