@@ -60,8 +60,8 @@ class MNISTCLI(LightningCLI):
                             help="fit: then test the best checkpoint on t10k in the same run, write metrics.json "
                                  "and the HPARAMS table.")
         parser.add_argument("--torch_threads", type=PositiveInt, default=1,
-                            help="torch CPU threads. 1 is the default: on 2 cores, 2 threads trained 1.4x faster "
-                                 "alone but 2.8x slower than 1 thread beside a busy process (docs/benchmarks.md).")
+                            help="torch CPU threads. 1 is the default: on 2 cores, 2 threads trained 1.4-1.6x faster "
+                                 "alone but 2.5-2.8x slower than 1 thread beside a busy process (docs/benchmarks.md).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
