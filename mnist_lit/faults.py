@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -50,8 +49,9 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint ({detail}): it is "
                               "damaged or not a PyTorch file. Use another checkpoint of the run, e.g. last.ckpt "
                               "beside it.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0].strip()}): it is "
+    except Exception as err:  # arbitrary bytes fail in arbitrary ways (EOFError, IndexError, zip errors...)
+        reason = str(err).splitlines()[0].strip() if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}): it is "
                               "truncated or damaged. Use another checkpoint of the run, e.g. last.ckpt beside "
                               "it.") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

@@ -14,6 +14,7 @@ import torch
 
 from conftest import fit_args, only_run, write_mnist
 from mnist_lit.cli import main
+from mnist_lit.faults import CheckpointError, load_checkpoint
 
 
 def trained_checkpoint(data: Path, tmp_path: Path, *extra: str) -> Path:
@@ -53,7 +54,7 @@ def bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
         "other network": (tmp_path / "other.ckpt", "net.layers.1.weight is [7, 784] there but [512, 784] here"),
         "runs code": (tmp_path / "evil.ckpt", "Refused to load"),
     }
-    files["random bytes"][0].write_bytes(os.urandom(2000))
+    files["random bytes"][0].write_bytes(random.Random(1).randbytes(2000))
     files["truncated"][0].write_bytes(good.read_bytes()[:5000])
     torch.save({"weights": torch.zeros(3)}, files["not lightning"][0])
     torch.save(other, files["other network"][0])
@@ -74,6 +75,21 @@ def test_bad_checkpoint_gets_one_paragraph_and_runs_nothing(tiny_mnist: Path, tm
     assert expected in message and str(path) in message
     assert not (tmp_path / "PWNED").exists()  # the malicious payload never ran
     assert torch.load(good, weights_only=True)["global_step"] == 16  # nothing already written was touched
+
+
+def test_any_damaged_bytes_give_the_checkpoint_message(tmp_path: Path):
+    good = trained_checkpoint(write_mnist(tmp_path / "data"), tmp_path)
+    content = good.read_bytes()
+    generator = random.Random(0)
+    for trial in range(40):  # random files, and the real file cut or with a flipped byte
+        damaged = bytearray(content if trial % 2 else generator.randbytes(3000))
+        if trial % 2:
+            damaged[generator.randrange(len(damaged))] ^= 0xFF
+            damaged = damaged[: generator.randrange(len(damaged))]
+        path = tmp_path / f"damaged{trial}.ckpt"
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError, match=str(path)):
+            load_checkpoint(str(path))
 
 
 def test_log_folder_that_cannot_be_written_is_named(tiny_mnist: Path, tmp_path: Path):
