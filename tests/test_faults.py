@@ -159,16 +159,24 @@ def long_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return data, torch.load(only_run(root / "once") / "checkpoints" / "last.ckpt", weights_only=True)
 
 
+def progressed_past(checkpoint: Path, step: int) -> bool:
+    try:  # written atomically, so either absent, the previous one, or whole
+        return torch.load(checkpoint, weights_only=True)["global_step"] > step
+    except FileNotFoundError:
+        return False
+
+
 def interrupt(data: Path, logs: Path, sig: signal.Signals, *extra: str) -> Path:
     """Start a run, send sig at a random moment of its second epoch, return its last.ckpt."""
-    run = subprocess.Popen([sys.executable, "-m", "mnist_lit", *long_run_args(data, logs, *extra)], cwd=logs.parent,
+    args = long_run_args(data, logs, "--last_checkpoint.every_n_train_steps", "32", *extra)
+    run = subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=logs.parent,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoints = logs / "mnist" / "version_0" / "checkpoints"
     deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("best-epoch00-*.ckpt")):  # the first epoch has ended
-        assert run.poll() is None and time.monotonic() < deadline, "no epoch finished"
+    while not progressed_past(checkpoints / "last.ckpt", 640):  # a periodic checkpoint inside the second epoch
+        assert run.poll() is None and time.monotonic() < deadline, "the second epoch never started"
         time.sleep(0.02)
-    time.sleep(random.uniform(0.1, 0.6))
+    time.sleep(random.uniform(0, 0.2))  # the second epoch has >= 600 steps left: well over 0.2 s
     run.send_signal(sig)
     run.wait(timeout=60)
     assert "Traceback" not in run.stderr.read()
@@ -191,7 +199,7 @@ def test_interrupt_mid_epoch_saves_last_checkpoint_and_resume_equals_an_uninterr
     data, once = long_data
     last = interrupt(data, tmp_path / "logs", sig)
     step = torch.load(last, weights_only=True)["global_step"]
-    assert 640 < step < 1280  # written at the interruption, inside the second epoch
+    assert 640 < step < 1280  # inside the second epoch (at the signal, or the periodic one just before it)
     assert not (last.parent.parent / "metrics.json").exists()  # the run did not finish
     assert_resume_equals(once, data, last, tmp_path / "resumed")
 
@@ -199,7 +207,7 @@ def test_interrupt_mid_epoch_saves_last_checkpoint_and_resume_equals_an_uninterr
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(long_data, tmp_path: Path):
     data, once = long_data
-    last = interrupt(data, tmp_path / "logs", signal.SIGKILL, "--last_checkpoint.every_n_train_steps", "32")
+    last = interrupt(data, tmp_path / "logs", signal.SIGKILL)
     step = torch.load(last, weights_only=True)["global_step"]
     assert 640 < step < 1280 and step % 32 == 0  # a periodic checkpoint from the middle of the second epoch
     assert_resume_equals(once, data, last, tmp_path / "resumed")
