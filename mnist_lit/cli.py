@@ -5,8 +5,9 @@
     python -m mnist_lit fit --config configs/default.yaml --print_config
 
 Every option is an ``__init__`` argument of ``MNISTClassifier`` (``--model.*``),
-``MNISTDataModule`` (``--data.*``), Lightning's ``Trainer`` (``--trainer.*``) or
-``ModelCheckpoint`` (``--checkpoint.*``); ``--torch_threads`` sets torch's CPU threads.
+``MNISTDataModule`` (``--data.*``), Lightning's ``Trainer`` (``--trainer.*``),
+``ModelCheckpoint`` (``--checkpoint.*``), ``TensorBoardReport`` (``--report.*``) or
+``PredictionWriter`` (``--predictions.*``); ``--torch_threads`` sets torch's CPU threads.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mnist_lit.faults import (
     load_checkpoint,
 )
 from mnist_lit.model import MNISTClassifier, TrainingDiverged
+from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TensorBoardReport, write_results
 
 TRAINER_DEFAULTS = {
@@ -56,6 +58,7 @@ class MNISTCLI(LightningCLI):
             "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(TensorBoardReport, "report")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # predict: CSV + table
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="fit: then test the best checkpoint on t10k in the same run, write metrics.json "
                                  "and the HPARAMS table.")
@@ -99,12 +102,24 @@ class MNISTCLI(LightningCLI):
             return
         run_folder = trainer.log_dir  # a collective under DDP: every rank asks
         results = {k: v.item() for k, v in trainer.callback_metrics.items() if k in ("val/acc_best", "val/loss")}
+        best_score = trainer.checkpoint_callback.best_model_score
+        if "val/acc_best" not in results and best_score is not None:  # resumed after its last epoch: no validation ran
+            results["val/acc_best"] = best_score.item()
         if self.config.fit.test_after_fit:
             (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results |= {k: test[k] for k in ("test/acc", "test/loss")}
         write_results(trainer, results, best)
         if trainer.is_global_zero:
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best}\nRun folder: {run_folder}")
+
+
+    def after_predict(self) -> None:
+        skipped = self.datamodule.unreadable
+        if skipped:  # the readable ones were predicted and written; the exit code still says not all were
+            listing = "; ".join(f"{item} ({reason})" for item, reason in skipped)
+            raise MNISTDataError(f"{len(skipped)} of --data.predict_images could not be predicted: {listing}. The "
+                                 f"other {len(self.datamodule.predict_names)} were predicted and written above. "
+                                 "Convert those files to PNG or JPEG, or leave them out.")
 
 
 def main(args: list[str] | None = None) -> MNISTCLI:

@@ -14,6 +14,7 @@ from mnist_lit.data import MNIST_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
+REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist (.ci/run does)
 
 
 def idx_bytes(array: torch.Tensor) -> bytes:
@@ -41,9 +42,9 @@ def learnable_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels.to(torch.uint8)
 
 
-def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = True) -> Path:
-    """A tiny MNIST-shaped data set under root/MNIST/raw/ with torchvision's file names; returns root."""
-    raw = root / "MNIST" / "raw"
+def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = True, folder: str = "MNIST") -> Path:
+    """A tiny MNIST-shaped data set under root/<folder>/raw/ with torchvision's file names; returns root."""
+    raw = root / folder / "raw"
     for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = learnable_digits(n, seed)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images, gz)
