@@ -237,7 +237,8 @@ class MNISTDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: Literal["mnist", "fashion_mnist", "kmnist"] | IDXDataset = "mnist",
                  data_dir: str = "data", download: bool = True, verify_checksums: bool = True,
-                 val_size: int = 5000, split_seed: int = 0, batch_size: PositiveInt = 128, eval_batch_size: PositiveInt = 1000, standardize: bool = False,
+                 val_size: int = 5000, split_seed: int = 0, batch_size: PositiveInt = 128,
+                 eval_batch_size: PositiveInt = 1000, standardize: bool = False,
                  augment: RandomAffine | None = None, predict_images: list[str] | str | None = None):
         super().__init__()
         self.save_hyperparameters()
