@@ -141,7 +141,9 @@ class TensorBoardReport(L.Callback):
             pl_module.log(f"{stage}/acc_per_class/{digit}", accuracy, batch_size=1, sync_dist=True)  # equal on all
         writer = self.writer(trainer)
         if writer is not None:
-            writer.add_figure(f"{stage}/confusion_matrix", confusion_figure(matrix.cpu()), trainer.global_step)
+            classes = getattr(trainer.datamodule, "classes", None) or [str(c) for c in range(len(matrix))]
+            figure = confusion_figure(matrix.cpu(), classes)
+            writer.add_figure(f"{stage}/confusion_matrix", figure, trainer.global_step)
             writer.add_text(f"{stage}/confusion_matrix", markdown_matrix(matrix.cpu()), trainer.global_step)
 
 
@@ -167,22 +169,22 @@ def misclassified_figure(images: torch.Tensor, predicted: torch.Tensor, true: to
     return fig
 
 
-def confusion_figure(matrix: torch.Tensor):
-    """Counts on a log colour scale; the y labels carry each digit's accuracy."""
+def confusion_figure(matrix: torch.Tensor, classes: list[str]):
+    """Counts on a log colour scale; the y labels carry each class's name and accuracy."""
     import matplotlib.pyplot as plt
 
     per_class = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
-    fig = plt.figure(figsize=(5, 4.6))
-    ax = fig.add_axes((0.2, 0.12, 0.78, 0.84))
+    fig = plt.figure(figsize=(5.5, 4.6))
+    ax = fig.add_axes((0.26, 0.12, 0.72, 0.84))  # room for names such as 'T-shirt/top  91.0%'
     ax.imshow(matrix.float().log1p(), cmap="Blues")
     for t, row in enumerate(matrix.tolist()):
         for p, count in enumerate(row):
             if count:
                 ax.text(p, t, count, ha="center", va="center", fontsize=6, color="white" if t == p else "black")
     ax.set_xticks(range(len(matrix)))
-    ax.set_yticks(range(len(matrix)), [f"{d}  {a:.1%}" for d, a in enumerate(per_class)])
-    ax.set_xlabel("predicted digit")
-    ax.set_ylabel("true digit  (per-class accuracy)")
+    ax.set_yticks(range(len(matrix)), [f"{name}  {a:.1%}" for name, a in zip(classes, per_class, strict=True)])
+    ax.set_xlabel("predicted class (label number)")
+    ax.set_ylabel("true class  (per-class accuracy)")
     return fig
 
 

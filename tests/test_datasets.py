@@ -79,22 +79,6 @@ def test_a_folder_holding_the_four_files_directly_is_read(tmp_path: Path):
     assert data.raw_dir == flat and len(data.splits["train"][1]) == 500
 
 
-def test_a_data_set_of_ones_own_is_declared_in_the_config(tmp_path: Path):
-    root = write_mnist(tmp_path / "data", folder="MyDigits")
-    config = tmp_path / "mine.yaml"
-    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    files = "".join(f"      {n}: [null, null]\n" for n in DATASETS["mnist"].files)
-    config.write_text(f"data:\n  dataset:\n    title: My digits\n    folder: MyDigits\n    classes: {names}\n"
-                      f"    files:\n{files}")
-    args = fit_args(root, tmp_path / "logs", "--trainer.max_epochs", "2")
-    args[3:3] = ["--config", str(config)]
-    main(args)
-    run = only_run(tmp_path / "logs")
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["datamodule_hyper_parameters"]["dataset"]["classes"] == names
-    assert json.loads((run / "metrics.json").read_text())["metrics"]["test/acc"] > 0.9
-
-
 def test_unknown_dataset_name_lists_the_choices(capsys: pytest.CaptureFixture, tmp_path: Path):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--data.dataset", "cifar"])

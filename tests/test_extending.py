@@ -1,5 +1,6 @@
 """docs/extending.md, run: a swapped network by config alone, and runs that repeat exactly."""
 
+import json
 import re
 import subprocess
 import sys
@@ -7,16 +8,31 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO, fit_args, only_run, read_events, scalar
+from conftest import REPO, fit_args, only_run, read_events, scalar, write_mnist
 from mnist_lit.cli import main
 
 EXPERIMENT = REPO / "configs" / "experiment" / "cnn.yaml"
 
 
-def test_walkthrough_config_is_the_shipped_file():
+def test_each_walkthrough_config_is_the_shipped_file_it_names():
     doc = (REPO / "docs" / "extending.md").read_text()
-    (block,) = re.findall(r"```yaml\n(.*?)```", doc, flags=re.S)
-    assert "\n".join(line[3:] for line in block.splitlines()).strip() == EXPERIMENT.read_text().strip()
+    blocks = re.findall(r"`(configs/experiment/[\w.]+\.yaml)`:\n\n   ```yaml\n(.*?)```", doc, flags=re.S)
+    assert [name for name, _ in blocks] == ["configs/experiment/cnn.yaml", "configs/experiment/fashion.yaml",
+                                            "configs/experiment/own_dataset.yaml"]
+    for name, block in blocks:
+        assert "\n".join(line[3:] for line in block.splitlines()).strip() == (REPO / name).read_text().strip()
+
+
+def test_walkthrough_trains_on_a_data_set_of_ones_own(tmp_path: Path):
+    data = write_mnist(tmp_path / "data", folder="MyDigits")  # the folder own_dataset.yaml names
+    args = fit_args(data, tmp_path / "logs", "--trainer.max_epochs", "2")
+    args[3:3] = ["--config", str(REPO / "configs" / "experiment" / "own_dataset.yaml")]
+    main(args)
+    run = only_run(tmp_path / "logs")
+    assert json.loads((run / "metrics.json").read_text())["metrics"]["test/acc"] > 0.9
+    assert "title: My digits" in (run / "config.yaml").read_text()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["datamodule_hyper_parameters"]["dataset"]["classes"][:2] == ["zero", "one"]
 
 
 def test_walkthrough_trains_a_cnn_and_its_checkpoint_tests_in_a_new_process(tiny_mnist: Path, tmp_path: Path):
