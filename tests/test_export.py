@@ -42,6 +42,7 @@ def trained(real_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return runs
 
 
+@pytest.mark.slow  # trains twice on real MNIST
 @pytest.mark.parametrize(("run", "fmt"), [("plain", "onnx"), ("plain", "pt2"), ("standardized", "pt2")])
 def test_artifact_matches_the_checkpoint_on_real_digits(trained, real_mnist: Path, tmp_path: Path, run: str,
                                                         fmt: str):

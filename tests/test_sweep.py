@@ -43,6 +43,7 @@ def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tin
     assert line.split(" | ")[5] == f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}", table
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_runs_resumes_an_interrupted_one_and_retries_a_failed_one(tiny_mnist: Path,
                                                                                           tmp_path: Path):
     assert sweep(tmp_path, tiny_mnist).returncode == 0
