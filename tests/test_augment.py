@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_mnist
+from conftest import REPO, fit_args, only_run, write_mnist
 from mnist_lit.augment import RandomAffine
+from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 
 
@@ -83,3 +84,17 @@ def test_a_resumed_epoch_draws_the_same_transforms(tmp_path: Path):
     rest = [x for x, _ in loader]
     assert len(rest) == len(whole) - 4
     assert all(torch.equal(a, b) for a, b in zip(whole[4:], rest, strict=True))
+
+
+def test_the_99_percent_recipe_composes_with_the_default_and_trains_with_augmentation(tiny_mnist: Path,
+                                                                                        tmp_path: Path):
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2")
+    args[3:3] = ["--config", str(REPO / "configs" / "experiment" / "mlp_99.yaml")]
+    main(args)
+    run = only_run(tmp_path / "logs")
+    config = (run / "config.yaml").read_text()
+    assert "class_path: mnist_lit.augment.RandomAffine" in config and "hidden1: 1024" in config
+    weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert weights["net.layers.3.weight"].shape == (1024, 1024)  # two hidden layers, both 1024 wide
+    assert [k for k in weights if k.endswith("weight")] == ["net.layers.1.weight", "net.layers.3.weight",
+                                                             "net.layers.5.weight"]
