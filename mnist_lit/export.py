@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ def from_checkpoint(path: str) -> PixelsToProbabilities:
     """The checkpoint's network (rebuilt from its recorded class_path/init_args) with its normalization."""
     checkpoint = load_checkpoint(path)  # weights only: nothing in the file runs
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
-    model = instantiate_module(MNISTClassifier, hparams)
+    with warnings.catch_warnings():  # "net is an nn.Module, saved twice": by design, the CLI records its class_path
+        warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+        model = instantiate_module(MNISTClassifier, hparams)
     model.load_state_dict(checkpoint["state_dict"])
     data = checkpoint.get("datamodule_hyper_parameters", {})
     stored = checkpoint.get("MNISTDataModule", {}).get("normalization")
