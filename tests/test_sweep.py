@@ -1,12 +1,16 @@
 """scripts/sweep.py: a grid x seeds in separate processes, a CSV and mean ± std per configuration, resumable."""
 
 import csv
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -80,3 +84,28 @@ def test_bad_sweep_arguments_are_named(args: list[str], tmp_path: Path):
     done = subprocess.run([*SWEEP, "--name", "x", "--root", str(tmp_path), *args], capture_output=True, text=True)
     assert done.returncode == 2 if "--parallel" in args else done.returncode == 1
     assert ("--grid 'model.lr' is not KEY=V1,V2" in done.stderr) or ("--parallel must be at least 1" in done.stderr)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_finishes_them(tiny_mnist: Path,
+                                                                                     tmp_path: Path):
+    command = [*SWEEP, "--name", "long", "--root", str(tmp_path), "--seeds", "0", "1", "--parallel", "2", "--",
+               "--data.data_dir", str(tiny_mnist), "--data.verify_checksums", "false", "--data.batch_size", "32",
+               "--data.val_size", "100", "--trainer.max_epochs", "40", "--trainer.enable_model_summary", "false"]
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             start_new_session=True)  # its own process group: Ctrl-C reaches it and its runs
+    lasts = [tmp_path / "long" / "default" / f"seed{s}" / "checkpoints" / "last.ckpt" for s in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(p.is_file() for p in lasts) and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 1 and "Interrupted: run the same command again to resume." in err, out + err
+    stopped_at = [torch.load(p, weights_only=True)["epoch"] for p in lasts]
+    assert all(epoch < 39 for epoch in stopped_at) and not list(tmp_path.glob("long/default/*/metrics.json"))
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 runs: 0 already finished, 2 to run" in done.stdout
+    for seed in (0, 1):
+        assert "Restoring states from the checkpoint" in (tmp_path / "long" / "default" / f"seed{seed}.log").read_text()
+    assert [r["status"] for r in read_csv(tmp_path / "long" / "results.csv")] == ["ok", "ok"]
