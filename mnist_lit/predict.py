@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -53,17 +54,30 @@ def without_alpha(image: Image.Image) -> Image.Image:
     if "A" not in image.getbands() and "transparency" not in image.info:
         return image
     rgba = image.convert("RGBA")
-    alpha = torch.tensor(list(rgba.getchannel("A").getdata()))
-    gray = torch.tensor(list(rgba.convert("L").getdata()))
+    alpha, gray = (as_tensor(channel) for channel in (rgba.getchannel("A"), rgba.convert("L")))
     dark_ink = gray[alpha > 127].float().mean() < 128 if (alpha > 127).any() else True
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if dark_ink else (0, 0, 0, 255))
     return Image.alpha_composite(background, rgba)
 
 
+def as_tensor(gray: Image.Image) -> torch.Tensor:
+    """(H, W) float pixel values of a one-band 8-bit image."""
+    return torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(gray.height, gray.width).float()
+
+
+def grayscale(image: Image.Image) -> torch.Tensor:
+    """(H, W) float values 0..255 of any picture: upright (EXIF), transparency filled, colour or 16-bit reduced."""
+    image = without_alpha(ImageOps.exif_transpose(image))
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16/32-bit: stretch to 0..255, do not clip
+        values = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32).copy())
+        low, high = values.min(), values.max()
+        return (values - low) * (255 / (high - low)) if high > low else torch.zeros_like(values)
+    return as_tensor(image.convert("L"))
+
+
 def to_mnist(image: Image.Image) -> torch.Tensor:
     """One picture of a digit -> (28, 28) uint8, white ink on black, scaled and centred like MNIST."""
-    gray = without_alpha(ImageOps.exif_transpose(image)).convert("L")
-    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(gray.height, gray.width).float()
+    pixels = grayscale(image)
     border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = border.median()
     if background > 127:  # dark digit on light paper: MNIST is the reverse

@@ -3,6 +3,7 @@
 import csv
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -41,7 +42,7 @@ def test_a_picture_becomes_a_white_digit_scaled_to_20_pixels_and_centred_by_mass
     assert abs(row - 14) <= 0.5 and abs(col - 14) <= 0.5  # where MNIST's digits have it
 
 
-@pytest.mark.parametrize("variant", ["light ink on dark", "rgb", "elsewhere and larger", "transparent"])
+@pytest.mark.parametrize("variant", ["light ink on dark", "rgb", "elsewhere and larger", "transparent", "16-bit"])
 def test_polarity_colour_size_position_and_transparency_do_not_change_the_digit(variant: str):
     reference = to_mnist(seven()).float()
     if variant == "light ink on dark":
@@ -50,9 +51,12 @@ def test_polarity_colour_size_position_and_transparency_do_not_change_the_digit(
         picture = Image.merge("RGB", [seven()] * 3)
     elif variant == "elsewhere and larger":
         picture = seven(size=(900, 700), offset=(500, 300)).resize((1800, 1400))
-    else:  # dark strokes on a transparent background, as drawing apps export them
+    elif variant == "transparent":  # dark strokes on a transparent background, as drawing apps export them
         picture = Image.new("LA", (300, 400), (0, 0))
         picture.putalpha(Image.eval(seven(), lambda v: 255 - v))
+    else:  # a 16-bit scan, values 0..65535
+        picture = Image.fromarray((numpy.asarray(seven(), dtype=numpy.uint16) * 257))
+        assert picture.mode.startswith("I;16")
     difference = (to_mnist(picture).float() - reference).abs().mean() / reference.mean()
     assert difference < 0.15, f"{variant}: mean difference {difference:.2f} of the mean ink"
 
