@@ -55,7 +55,7 @@ def test_polarity_colour_size_position_and_transparency_do_not_change_the_digit(
         picture = Image.new("LA", (300, 400), (0, 0))
         picture.putalpha(Image.eval(seven(), lambda v: 255 - v))
     else:  # a 16-bit scan, values 0..65535
-        picture = Image.fromarray((numpy.asarray(seven(), dtype=numpy.uint16) * 257))
+        picture = Image.fromarray(numpy.asarray(seven(), dtype=numpy.uint16) * 257)
         assert picture.mode.startswith("I;16")
     difference = (to_mnist(picture).float() - reference).abs().mean() / reference.mean()
     assert difference < 0.15, f"{variant}: mean difference {difference:.2f} of the mean ink"
