@@ -3,10 +3,11 @@
     python -m mnist_lit fit --config configs/default.yaml --data.data_dir data
     python -m mnist_lit fit --config configs/default.yaml --data.dataset fashion_mnist
 
-The path of one batch: the four IDX files under ``<data_dir>/MNIST/raw/`` (gzipped or not)
-are read once and verified (magic number, dimensions, counts, MD5 of the original bytes),
-kept as uint8 tensors (all of MNIST is 55 MB), split 55,000/5,000 by a seeded generator,
-moved to the training device, and served as index-gathered batches normalized on the fly.
+The path of one batch: the four IDX files under ``<data_dir>/MNIST/raw/`` (``FashionMNIST/raw/``,
+``KMNIST/raw/`` or a declared folder for the others; gzipped or not) are read once and verified
+(magic number, dimensions, counts, MD5 of the original bytes), kept as uint8 tensors (all of
+MNIST is 55 MB), split 55,000/5,000 by a seeded generator, moved to the training device, and
+served as index-gathered batches normalized on the fly.
 No per-sample Python, PIL or DataLoader work: an epoch is one ``randperm`` and a gather per
 batch. Under DDP every rank takes its own disjoint shard of the epoch's permutation.
 """
