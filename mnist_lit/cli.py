@@ -112,7 +112,6 @@ class MNISTCLI(LightningCLI):
         if trainer.is_global_zero:
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best}\nRun folder: {run_folder}")
 
-
     def after_predict(self) -> None:
         skipped = self.datamodule.unreadable
         if skipped:  # the readable ones were predicted and written; the exit code still says not all were

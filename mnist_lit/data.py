@@ -26,6 +26,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 
 from mnist_lit.augment import RandomAffine
+from mnist_lit.predict import load_images
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,6 @@ DATASETS = {
         "t10k-labels-idx1-ubyte": (None, "7320c461ea6c1c855c0b718fb2a4b134"),
     }),
 }
-MNIST_FILES = {name: raw for name, (raw, _) in DATASETS["mnist"].files.items()}
 IDX_UINT8 = 0x08  # the IDX type code of unsigned bytes, the only one MNIST uses
 
 
@@ -86,7 +86,8 @@ def read_idx(path: Path, md5: str | None = None, gz_md5: str | None = None) -> t
     fix = f"Delete {path} and download it again (or copy a good copy there)."
     try:
         stored = path.read_bytes()
-        raw = gzip.decompress(stored) if path.suffix == ".gz" else stored
+        compressed = path.suffix == ".gz"
+        raw = gzip.decompress(stored) if compressed else stored
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise MNISTDataError(f"{path} is not a complete gzip file ({err}); it was probably cut "
                              f"short or damaged while downloading. {fix}") from None
@@ -107,14 +108,14 @@ def read_idx(path: Path, md5: str | None = None, gz_md5: str | None = None) -> t
         what = "is truncated" if len(raw) < expected else "has trailing bytes"
         raise MNISTDataError(f"{path} {what}: its header declares dims {dims}, i.e. {expected} bytes, "
                              f"but it holds {len(raw)}. {fix}")
-    if gz_md5 is not None and stored is not raw and hashlib.md5(stored).hexdigest() == gz_md5:
+    if gz_md5 is not None and compressed and hashlib.md5(stored).hexdigest() == gz_md5:
         pass  # torchvision's very download
     elif md5 is not None and hashlib.md5(raw).hexdigest() != md5:
         raise MNISTDataError(f"{path} is a well-formed IDX file but not the original file (MD5 of its "
                              f"uncompressed bytes is {hashlib.md5(raw).hexdigest()}, expected {md5}). "
                              f"{fix} If you changed it on purpose, set --data.verify_checksums false.")
     elif md5 is None and gz_md5 is not None:
-        what = ("its MD5 is " + hashlib.md5(stored).hexdigest() + f", expected {gz_md5}" if stored is not raw
+        what = ("its MD5 is " + hashlib.md5(stored).hexdigest() + f", expected {gz_md5}" if compressed
                 else "it is uncompressed, and only the MD5 of the published .gz is known")
         raise MNISTDataError(f"{path} cannot be verified as the original file ({what}). {fix} Keep the .gz "
                              "file as downloaded, or set --data.verify_checksums false.")
@@ -314,8 +315,6 @@ class MNISTDataModule(L.LightningDataModule):
         self.scale, self.shift = self.normalization(self.splits["train"][0])
 
     def read_user_images(self) -> None:
-        from mnist_lit.predict import load_images  # PIL: imported only when predicting on files
-
         inputs = self.hparams.predict_images
         paths, images, self.unreadable = load_images([inputs] if isinstance(inputs, str) else inputs)
         if not paths:

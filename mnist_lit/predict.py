@@ -148,6 +148,7 @@ class PredictionWriter(L.Callback):
         data = trainer.datamodule
         names, labels, classes = data.predict_names, data.predict_labels, data.classes
         rows, probabilities = torch.cat(self.rows).tolist(), torch.cat(self.probabilities)
+        best_probabilities, best_classes = (t.tolist() for t in probabilities.max(dim=1))
         path = Path(self.output or Path(trainer.log_dir or ".") / "predictions.csv")
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
@@ -156,11 +157,10 @@ class PredictionWriter(L.Callback):
         with path.open("w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["path", "label", "predicted", "probability", *(f"p_{c}" for c in classes)])
-            for row, p in zip(rows, probabilities.tolist(), strict=True):
-                best = max(range(len(p)), key=p.__getitem__)
+            for row, p, top, best in zip(rows, probabilities.tolist(), best_probabilities, best_classes, strict=True):
                 label = classes[labels[row]] if labels is not None else ""
-                out.writerow([names[row], label, classes[best], f"{p[best]:.6f}", *(f"{v:.6f}" for v in p)])
-                table.append((names[row], classes[best], f"{p[best]:.3f}"))
+                out.writerow([names[row], label, classes[best], f"{top:.6f}", *(f"{v:.6f}" for v in p)])
+                table.append((names[row], classes[best], f"{top:.3f}"))
         self.print_table(table, len(rows))
         print(f"Predictions for {len(rows)} images: {path}", file=sys.stderr)
 

@@ -20,7 +20,6 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -96,7 +95,6 @@ def run_all(runs: list[Run], configs: list[str], passthrough: list[str], paralle
     print(f"{len(runs)} runs: {len(runs) - len(pending)} already finished, {len(pending)} to run, "
           f"{parallel} at a time", flush=True)
     active: dict[subprocess.Popen, tuple[Run, float]] = {}
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
         while pending or active:
             while pending and len(active) < parallel:
@@ -104,7 +102,7 @@ def run_all(runs: list[Run], configs: list[str], passthrough: list[str], paralle
                 run.console.parent.mkdir(parents=True, exist_ok=True)
                 with run.console.open("a") as log:
                     process = subprocess.Popen(run.command(configs, passthrough), stdout=log,
-                                               stderr=subprocess.STDOUT, cwd=REPO, env=env)
+                                               stderr=subprocess.STDOUT, cwd=REPO)
                 active[process] = (run, time.perf_counter())
             time.sleep(0.2)
             for process in [p for p in active if p.poll() is not None]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_lit.data import MNIST_FILES
+from mnist_lit.data import DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
@@ -60,7 +60,7 @@ def tiny_mnist(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the real MNIST files as <root>/MNIST/raw/*.gz (never written to in place)."""
-    sources = [REAL_MNIST / f"{name}.gz" for name in MNIST_FILES]
+    sources = [REAL_MNIST / f"{name}.gz" for name in DATASETS["mnist"].files]
     if not all(p.is_file() for p in sources):
         pytest.skip(f"real MNIST not found at {REAL_MNIST} (the shared data folder beside the repo)")
     raw = tmp_path_factory.mktemp("real") / "data" / "MNIST" / "raw"

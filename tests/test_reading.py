@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import idx_bytes, learnable_digits, write_idx, write_mnist
-from mnist_lit.data import MNIST_FILES, MNISTDataError, MNISTDataModule, read_idx, read_split
+from mnist_lit.data import DATASETS, MNISTDataError, MNISTDataModule, read_idx, read_split
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -104,7 +104,7 @@ def test_offline_without_files_names_the_folder_and_the_four_files(tmp_path: Pat
         data.setup("fit")
     text = str(error.value)
     assert str((tmp_path / "empty" / "MNIST" / "raw").resolve()) in text and "\n" not in text
-    assert all(f"{name}.gz" in text for name in MNIST_FILES)
+    assert all(f"{name}.gz" in text for name in DATASETS["mnist"].files)
 
 
 def test_failed_download_says_what_to_copy_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -48,7 +48,7 @@ def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tin
 
 
 @pytest.mark.slow
-def test_a_rerun_skips_finished_runs_resumes_an_interrupted_one_and_retries_a_failed_one(tiny_mnist: Path,
+def test_a_rerun_skips_finished_runs_resumes_an_interrupted_one_and_starts_a_missing_one(tiny_mnist: Path,
                                                                                           tmp_path: Path):
     assert sweep(tmp_path, tiny_mnist).returncode == 0
     before = {r["run_folder"]: r for r in read_csv(tmp_path / "lr" / "results.csv")}
@@ -66,6 +66,7 @@ def test_a_rerun_skips_finished_runs_resumes_an_interrupted_one_and_retries_a_fa
     after = {r["run_folder"]: r for r in read_csv(tmp_path / "lr" / "results.csv")}
     for folder in (str(interrupted), str(never_started)):  # same config and seed: the same result
         assert after[folder]["test/acc"] == before[folder]["test/acc"]
+        assert after[folder]["val/acc_best"] == before[folder]["val/acc_best"]  # also when resumed after its end
 
 
 def test_a_failing_run_is_reported_and_the_sweep_exits_nonzero(tiny_mnist: Path, tmp_path: Path):
