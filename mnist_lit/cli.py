@@ -17,26 +17,31 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
+import lightning as L
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from mnist_lit.checkpoints import SPECIAL_CKPT_PATHS, CheckpointError, LastCheckpoint, check_fits, load_checkpoint
 from mnist_lit.data import MNISTDataError, MNISTDataModule
-from mnist_lit.faults import (
-    SPECIAL_CKPT_PATHS,
-    CheckpointError,
-    LastCheckpoint,
-    LogFolderError,
-    check_fits,
-    claim_run_folder,
-    load_checkpoint,
-)
 from mnist_lit.model import MNISTClassifier, TrainingDiverged
 from mnist_lit.predict import PredictionWriter
-from mnist_lit.report import TensorBoardReport, write_results
+from mnist_lit.report import TensorBoardReport
+from mnist_lit.runs import (
+    RUNS_NAME,
+    RUNS_ROOT,
+    LogFolderError,
+    RunConfig,
+    claim_logger_folders,
+    claim_run_folder,
+    launched_rank,
+    run_folder,
+    write_results,
+)
 
 TRAINER_DEFAULTS = {
     # One TensorBoard run per invocation: logs/mnist/version_N/, config.yaml and checkpoints/ beside the events.
@@ -62,9 +67,10 @@ class MNISTCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="fit: then test the best checkpoint on t10k in the same run, write metrics.json "
                                  "and the HPARAMS table.")
-        parser.add_argument("--torch_threads", type=PositiveInt, default=1,
-                            help="torch CPU threads. 1 is the default: on 2 cores, 2 threads trained 1.4-1.6x faster "
-                                 "alone but 2.5-2.8x slower than 1 thread beside a busy process (docs/benchmarks.md).")
+        parser.add_argument("--torch_threads", type=PositiveInt | None, default=None,
+                            help="torch CPU threads; null keeps PyTorch's default (one per core), right for a machine "
+                                 "of your own. On a machine shared with other busy processes, 1 does not collapse "
+                                 "as more threads do (docs/benchmarks.md).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -76,12 +82,7 @@ class MNISTCLI(LightningCLI):
     def before_run(self) -> None:
         """Before any subcommand: the checkpoint fits the configured network, and the run folder is claimed."""
         check_fits(self.model, self.config[self.subcommand].get("ckpt_path") or "best")
-        logger = self.trainer.logger
-        launched_rank = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0"
-        if isinstance(logger, TensorBoardLogger) and logger._version is None and not launched_rank:
-            # Set on the logger, not in the config: the saved config.yaml stays reusable for a new run.
-            # Other DDP ranks take rank 0's folder from Lightning.
-            logger._version = claim_run_folder(logger.save_dir, logger.name)
+        claim_logger_folders(self.trainer)
 
     before_validate = before_test = before_predict = before_run
 
@@ -94,23 +95,38 @@ class MNISTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        torch.set_num_threads(config.torch_threads)
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
+        trainer = config.trainer
+        if trainer.logger in (False, None) and trainer.default_root_dir is None and not trainer.fast_dev_run \
+                and not launched_rank():
+            # No logger: the run still gets its own folder (config, checkpoints, metrics.json), not the cwd.
+            version = claim_run_folder(RUNS_ROOT, RUNS_NAME)
+            trainer.default_root_dir = str(Path(RUNS_ROOT, RUNS_NAME, f"version_{version}"))
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if config.trainer.enable_checkpointing is False or config.trainer.barebones:
+            # Lightning refuses checkpoint callbacks then; the two this CLI always adds make way (no-op callbacks).
+            config.checkpoint, config.last_checkpoint = L.Callback(), L.Callback()
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
-        trainer, best = self.trainer, self.trainer.checkpoint_callback.best_model_path
+        trainer = self.trainer
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if trainer.interrupted:  # Ctrl-C: last.ckpt was written; an unfinished run has no results
             return
-        run_folder = trainer.log_dir  # a collective under DDP: every rank asks
+        folder = run_folder(trainer)  # a collective under DDP: every rank asks
         results = {k: v.item() for k, v in trainer.callback_metrics.items() if k in ("val/acc_best", "val/loss")}
-        best_score = trainer.checkpoint_callback.best_model_score
+        best_score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         if "val/acc_best" not in results and best_score is not None:  # resumed after its last epoch: no validation ran
             results["val/acc_best"] = best_score.item()
         if self.config.fit.test_after_fit:
             (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results |= {k: test[k] for k in ("test/acc", "test/loss")}
-        write_results(trainer, results, best)
+        write_results(trainer, folder, results, best)
         if trainer.is_global_zero:
-            print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best}\nRun folder: {run_folder}")
+            print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best or None}\nRun folder: {folder}")
 
     def after_predict(self) -> None:
         skipped = self.datamodule.unreadable
@@ -130,10 +146,12 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     try:
         return MNISTCLI(MNISTClassifier, MNISTDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
                         auto_configure_optimizers=False,  # SGD is configured by --model.* only
+                        save_config_callback=RunConfig,
                         parser_kwargs={"prog": "python -m mnist_lit"})
-    except (MNISTDataError, CheckpointError, LogFolderError, TrainingDiverged) as err:
+    except (MNISTDataError, CheckpointError, LogFolderError, TrainingDiverged, MisconfigurationException) as err:
+        # MisconfigurationException: Lightning refusing a combination of its own flags, in a sentence naming them
         if os.environ.get("JSONARGPARSE_DEBUG"):
             raise
-        sys.exit(f"error: {err}")
+        sys.exit("error: " + " ".join(str(err).split()))  # one paragraph
     finally:
         signal.signal(signal.SIGINT, sigint_handler)

@@ -340,8 +340,10 @@ class MNISTDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device if trainer else torch.device("cpu")
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         images, labels = (t.to(device) for t in self.splits[split])
+        # --trainer.overfit_batches: the same first batches every epoch (Lightning can only unshuffle DataLoaders).
+        shuffle = train and not (trainer and trainer.overfit_batches > 0)
         sampler = ShardedShuffle(len(labels), seed=torch.initial_seed() % 2**62 if train else 0,
-                                 shuffle=train, rank=rank, world_size=world_size)
+                                 shuffle=shuffle, rank=rank, world_size=world_size)
         hp = self.hparams
         return InMemoryBatches(images, labels, hp.batch_size if train else hp.eval_batch_size, sampler,
                                self.scale, self.shift, self.augment if train else None)

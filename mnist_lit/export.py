@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.cli import instantiate_module
 from torch import nn
 
-from mnist_lit.faults import CheckpointError, load_checkpoint
+from mnist_lit.checkpoints import CheckpointError, load_checkpoint
 from mnist_lit.model import MNISTClassifier
 
 TOLERANCE = 1e-5  # largest |artifact - checkpoint| accepted on the check batch

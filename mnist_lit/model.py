@@ -16,6 +16,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import PositiveFloat, PositiveInt
+from lightning.pytorch.callbacks import (
+    BaseFinetuning,
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+    ModelCheckpoint,
+    ProgressBar,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -66,6 +78,23 @@ class SmallCNN(nn.Module):
         return self.layers(x.reshape(len(x), -1))
 
 
+# Callback hooks that Lightning calls per training_step call: on the fast path, once per 16 batches.
+PER_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero_grad")
+# Module hooks that only Lightning's loop calls (the fast path moves batches and steps the optimizer itself).
+BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer", "backward",
+               "optimizer_step", "optimizer_zero_grad", "configure_gradient_clipping")
+# Callbacks that change the optimization itself from Lightning's loop (averaging, lr search, accumulation).
+ONE_STEP_CALLBACKS = (StochasticWeightAveraging, WeightAveraging, GradientAccumulationScheduler, BaseFinetuning,
+                      BatchSizeFinder, LearningRateFinder)
+
+
+def checkpoint_intervals(trainer: L.Trainer) -> list[int]:
+    """Every ``every_n_train_steps`` of the fit's checkpoint callbacks. Read from a private attribute: no public
+    one holds it (tests/test_lightning_private.py fails loudly if it moves)."""
+    return [callback._every_n_train_steps for callback in trainer.checkpoint_callbacks
+            if callback._every_n_train_steps > 0]
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the likely fix."""
 
@@ -73,10 +102,16 @@ class TrainingDiverged(RuntimeError):
 class MNISTClassifier(L.LightningModule):
     """A classifier trained with SGD on cross-entropy, logging ``{train,val,test}/{loss,acc}`` and ``val/acc_best``.
 
-    Training runs several SGD steps per ``training_step`` call (it pulls batches from
-    Lightning's ``dataloader_iter``): each step is an ordinary forward, backward and
-    optimizer step on one batch, so the optimization is the same for any
-    ``steps_per_training_step``; only Lightning's per-call overhead is shared.
+    Two ways to train, chosen per fit, with the same result (tests/test_exactness.py checks the weights bit for bit):
+
+    - **the fast path** (the default): one ``training_step`` call runs ``steps_per_training_step``
+      ordinary SGD steps on consecutive batches pulled from Lightning's ``dataloader_iter``, so that
+      Lightning's per-call work (hooks, logging, progress) is paid once per 16 batches, not per batch;
+    - **Lightning's own loop** (automatic optimization, one batch per call), for every fit whose
+      Trainer flags or callbacks the fast path cannot honour step for step: gradient clipping or
+      accumulation, ``val_check_interval``, ``limit_train_batches``, ``fast_dev_run``, ``overfit_batches``,
+      several processes, a callback with per-batch hooks (``one_step_reasons`` lists them). The fit
+      then says why in one line.
 
     Args:
         net: the network, images (B, 784) -> logits (B, 10); None means ``MLP()``.
@@ -85,8 +120,8 @@ class MNISTClassifier(L.LightningModule):
         nesterov: use Nesterov momentum.
         weight_decay: L2 penalty added by SGD.
         lr_schedule: ``cosine`` decays lr to 0 over all training steps, per step; ``constant`` keeps it.
-        steps_per_training_step: SGD steps per Lightning ``training_step`` call. Under DDP it is 1,
-            since DDP synchronizes gradients once per forward call.
+        steps_per_training_step: SGD steps per Lightning ``training_step`` call on the fast path; 1 trains
+            every fit with Lightning's own loop.
         num_classes: number of classes the metrics count.
         compile: run the network through ``torch.compile`` (compiled when a fit, validate, test or
             predict starts; the first batches of each shape pay the compile time). Checkpoints are the
@@ -99,7 +134,6 @@ class MNISTClassifier(L.LightningModule):
                  num_classes: PositiveInt = 10, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.automatic_optimization = False  # training_step runs its own SGD steps
         self.net = net if net is not None else MLP(num_classes=num_classes)
         self.net_forward = self.net.forward  # or its compiled version, set in setup()
         # Plain (micro) accuracy; validate_args=False skips per-update range checks that sync the device.
@@ -132,22 +166,80 @@ class MNISTClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- which loop trains this fit --------------------------------------------------------------------
+
+    def one_step_reasons(self) -> list[str]:
+        """What in this fit only Lightning's one-batch-per-call loop honours; empty: the fast path is exact."""
+        trainer = self.trainer
+        flags = {
+            "--model.steps_per_training_step is 1": self.hparams.steps_per_training_step == 1,
+            f"it runs on {trainer.world_size} processes": trainer.world_size > 1,  # DDP syncs once per forward
+            "--trainer.gradient_clip_val is set": bool(trainer.gradient_clip_val),
+            "--trainer.accumulate_grad_batches is set": trainer.accumulate_grad_batches != 1,
+            "--trainer.val_check_interval is set": trainer.val_check_interval != 1.0,
+            "--trainer.limit_train_batches is set": trainer.limit_train_batches != 1.0,
+            "--trainer.fast_dev_run is set": bool(trainer.fast_dev_run),
+            "--trainer.overfit_batches is set": trainer.overfit_batches > 0,
+        }
+        reasons = [reason for reason, applies in flags.items() if applies]
+        # Per-batch hooks would run once per call of 16 batches; model checkpoints and progress bars are
+        # exact here (the calls end at every_n_train_steps, the bar counts batches).
+        per_batch = [callback for callback in trainer.callbacks
+                     if not isinstance(callback, (ModelCheckpoint, ProgressBar))
+                     and (isinstance(callback, ONE_STEP_CALLBACKS)
+                          or any(is_overridden(hook, callback, L.Callback) for hook in PER_BATCH_HOOKS))]
+        reasons += [f"the callback {type(callback).__name__} acts on every batch" for callback in per_batch]
+        reasons += [f"{type(self).__name__} overrides {hook}" for hook in (*PER_BATCH_HOOKS, *BATCH_HOOKS)
+                    if is_overridden(hook, self, MNISTClassifier)]
+        return reasons
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """Lightning's switch, read before and during a fit: True trains with Lightning's own loop."""
+        try:
+            return bool(self.one_step_reasons())
+        except RuntimeError:  # not attached to a Trainer: nothing to honour, plain automatic optimization
+            return True
+
+    @property
+    def training_step(self):
+        """The step Lightning calls: ``sgd_steps`` (fast path, takes the ``dataloader_iter``) or ``sgd_step``."""
+        return self.sgd_step if self.automatic_optimization else self.sgd_steps
+
     def on_fit_start(self) -> None:
-        distributed = self.trainer.world_size > 1
-        self.steps_per_call = 1 if distributed else self.hparams.steps_per_training_step
-        # Lightning's manual_backward runs its pre/post-backward hooks on every step (~0.3 ms each time,
-        # a fifth of a small model's step). Only DDP (gradient sync set-up) and fp16 (loss scaling) need
-        # them; otherwise call autograd directly. on_before/after_backward hooks do not fire on that path.
-        needs_lightning = distributed or getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        reasons = self.one_step_reasons()
+        if reasons:
+            rank_zero_info(f"mnist_lit: this fit trains with Lightning's own loop, one batch per training_step, "
+                           f"because {'; '.join(reasons)}: the fast path (several SGD steps per call) would not "
+                           "honour that step for step. Same results, more time per epoch (docs/benchmarks.md).")
+            return
+        # Lightning's manual_backward runs the backward hooks of callbacks, the module and the precision plugin
+        # on every step (~0.3 ms each time, a tenth of a small model's step). Call autograd directly when
+        # none of them has anything to do: fp16 loss scaling, or a hook overridden somewhere.
+        hooked = [self, *self.trainer.callbacks]
+        needs_lightning = (getattr(self.trainer.precision_plugin, "scaler", None) is not None
+                           or any(is_overridden(hook, obj, MNISTClassifier if obj is self else L.Callback)
+                                  for hook in ("on_before_backward", "on_after_backward") for obj in hooked))
         self.run_backward = self.manual_backward if needs_lightning else torch.Tensor.backward
 
-    def training_step(self, dataloader_iter: Iterator) -> None:  # the name asks Lightning for its iterator
+    # -- Lightning's loop: one batch, one SGD step per call ----------------------------------------------
+
+    def sgd_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)  # (B, 784) -> (B, 10)
+        loss = F.cross_entropy(logits, y)
+        self.check_finite(loss.detach().view(1))
+        self.train_acc.update(logits.detach().argmax(1), y)
+        self.train_loss.update(loss.detach(), weight=len(y))
+        self.log_training(loss.detach().view(1), [self.optimizers().param_groups[0]["lr"]], len(y))
+        return loss  # Lightning runs backward, clipping, accumulation and the optimizer step
+
+    # -- the fast path: several SGD steps per call -------------------------------------------------------
+
+    def sgd_steps(self, dataloader_iter: Iterator) -> None:  # the name asks Lightning for its iterator
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        losses, predictions, targets = [], [], []
-        limit = self.trainer.num_training_batches  # < the loader's length under --trainer.limit_train_batches
-        for _ in range(self.steps_per_call):
-            if limit < dataloader_iter.length and dataloader_iter.fetched >= limit:
-                break  # Lightning ends the epoch after `limit` calls; the ones past the limit are empty
+        losses, lrs, predictions, targets, sizes = [], [], [], [], []
+        for _ in range(self.steps_this_call()):
             try:
                 (x, y), _, _ = next(dataloader_iter)
             except StopIteration:  # the epoch's last call may hold fewer batches
@@ -155,46 +247,72 @@ class MNISTClassifier(L.LightningModule):
             x, y = x.to(self.device), y.to(self.device)  # no-op for MNISTDataModule, whose data lives there
             logits = self(x)  # (B, 784) -> (B, 10)
             loss = F.cross_entropy(logits, y)
+            lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             self.run_backward(loss)
-            optimizer.step()  # Lightning's optimizer: counts global_step, steps the fp16 scaler
+            optimizer.step()  # Lightning's optimizer: counts global_step, runs on_before_optimizer_step
             if scheduler is not None:
                 scheduler.step()
             losses.append(loss.detach())
             predictions.append(logits.detach().argmax(1))
             targets.append(y)
-        if losses and not torch.isfinite(torch.stack(losses)).all():  # one device sync per call
-            bad = next(i for i, loss in enumerate(losses) if not torch.isfinite(loss))
-            raise TrainingDiverged(
-                f"The training loss became {losses[bad].item()} at SGD step {self.global_step - len(losses) + bad} "
-                f"(epoch {self.current_epoch}, lr {optimizer.param_groups[0]['lr']:.3g}); training stopped and no "
-                "checkpoint was written from it. The learning rate is most likely too high for this network and "
-                "batch size: lower --model.lr (0.1 is the tested default; try 10x lower), or resume from the "
-                "last good checkpoint (checkpoints/last.ckpt of this run) with a lower lr.")
-        # Lightning counts one logging step per call; count SGD steps instead, so that TensorBoard's x-axis
-        # and log_every_n_steps mean optimizer steps for any steps_per_training_step.
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
-        if losses:  # metric update and logging once per call, not per SGD step: each costs ~0.3-1 ms
-            losses = torch.stack(losses)  # (steps,) one loss per SGD step
-            self.train_acc.update(torch.cat(predictions), torch.cat(targets))
-            self.train_loss.update(losses)
-            samples = sum(len(t) for t in targets)  # Lightning asks for it under dataloader_iter
-            self.log("train/loss", losses.mean(), on_step=True, on_epoch=False, prog_bar=True, logger=False,
-                     batch_size=samples)
-            self.log_step_curves(losses, optimizer.param_groups[0]["lr"])
-            self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=samples)
-            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=samples)
-
-    def log_step_curves(self, losses: torch.Tensor, lr: float) -> None:
-        """train/loss and train/lr every log_every_n_steps SGD steps, straight to the logger (rank 0).
-
-        Lightning's own step filter tests (step + 1) % n == 0 once per training_step call, which
-        misses most multiples when a call advances several steps.
-        """
-        every, step = self.trainer.log_every_n_steps, self.global_step
-        if self.logger is None or not self.trainer.is_global_zero or step // every == (step - len(losses)) // every:
+            sizes.append(len(y))
+        if not losses:
             return
-        self.logger.log_metrics({"train/loss": losses.mean().item(), "train/lr": lr}, step=step - 1)
+        losses = torch.stack(losses)  # (steps,) one loss per SGD step
+        self.check_finite(losses)  # one device sync per call
+        # Lightning counts one logging step per call; count SGD steps instead, as its own loop does, so that
+        # TensorBoard's x-axis and log_every_n_steps mean optimizer steps. No public API sets this counter
+        # (tests/test_lightning_private.py fails loudly if it moves).
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
+        # Metric updates and epoch logging once per call, not per SGD step: each costs ~0.3-1 ms.
+        self.train_acc.update(torch.cat(predictions), torch.cat(targets))
+        self.train_loss.update(losses, weight=torch.tensor(sizes, device=losses.device))  # per sample, as Lightning's
+        self.log_training(losses, lrs, sum(sizes))
+
+    def steps_this_call(self) -> int:
+        """SGD steps for the next call: ``steps_per_training_step``, ending early at ``max_steps`` and at every
+        multiple of a checkpoint's ``every_n_train_steps`` (checked by Lightning after each call)."""
+        step, steps = self.global_step, self.hparams.steps_per_training_step
+        if self.trainer.max_steps >= 0:
+            steps = min(steps, self.trainer.max_steps - step)
+        for every in checkpoint_intervals(self.trainer):
+            steps = min(steps, every - step % every)
+        return steps
+
+    # -- shared by both loops ----------------------------------------------------------------------------
+
+    def check_finite(self, losses: torch.Tensor) -> None:
+        """Stop at the first NaN or infinite loss, naming the step and the fix (one device sync)."""
+        if torch.isfinite(losses).all():
+            return
+        bad = next(i for i, loss in enumerate(losses) if not torch.isfinite(loss))
+        step = self.global_step - (len(losses) if not self.automatic_optimization else 0) + bad
+        raise TrainingDiverged(
+            f"The training loss became {losses[bad].item()} at SGD step {step} (epoch {self.current_epoch}, lr "
+            f"{self.optimizers().param_groups[0]['lr']:.3g}); training stopped and no checkpoint was written from "
+            "it. The learning rate is most likely too high for this network and batch size: lower --model.lr "
+            "(0.1 is the tested default; try 10x lower), or resume from the last good checkpoint "
+            "(checkpoints/last.ckpt of this run) with a lower lr.")
+
+    def log_training(self, losses: torch.Tensor, lrs: list[float], samples: int) -> None:
+        """The epoch's train/loss_epoch and train/acc; train/loss (also in the progress bar) and train/lr of
+        every SGD step whose number is a multiple of log_every_n_steps, as Lightning's loop logs them."""
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=samples)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=samples)
+        if self.automatic_optimization:  # Lightning decides when a point is due
+            self.log("train/loss", losses[0], on_step=True, on_epoch=False, prog_bar=True, batch_size=samples)
+            self.log("train/lr", lrs[0], on_step=True, on_epoch=False, batch_size=samples)
+            return
+        self.log("train/loss", losses[-1], on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                 batch_size=samples)
+        every, first = self.trainer.log_every_n_steps, self.global_step - len(losses)  # step number of losses[0]
+        if not self.trainer.is_global_zero or every == 0:
+            return
+        for i in range(len(losses)):
+            if (first + i + 1) % every == 0:
+                for logger in self.loggers:
+                    logger.log_metrics({"train/loss": losses[i].item(), "train/lr": lrs[i]}, step=first + i)
 
     def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch

@@ -1,24 +1,24 @@
-"""What a run shows beyond the module's loss, accuracy and learning rate: throughput, digits, confusion
-matrices in TensorBoard; the HPARAMS table and ``metrics.json`` once a run has its results.
+"""What a run shows in TensorBoard beyond the module's loss, accuracy and learning rate: throughput,
+digits, confusion matrices and per-class accuracy.
 
     python -m mnist_lit fit --config configs/default.yaml --report.histograms true
     tensorboard --logdir logs
 
 Everything is written by rank 0 only; the confusion matrices are torchmetrics objects, computed
-(synced) on every rank. Cost on the default run: see docs/tensorboard.md.
+(synced) on every rank. The scalars (throughput, per-class accuracy) go to every logger; the pictures
+need a TensorBoardLogger and step aside, with one notice, under other loggers. Cost on the default
+run: see docs/tensorboard.md.
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
@@ -38,15 +38,21 @@ class TensorBoardReport(L.Callback):
         self.misclassified, self.histograms = misclassified, histograms
         self.confusion: dict[str, MulticlassConfusionMatrix] = {}
         self.inputs_logged, self.epoch_started, self.wrong, self.gradients_pending = False, None, [], False
+        self.noticed = False  # the notice that the pictures need a TensorBoardLogger
 
     def writer(self, trainer: L.Trainer):
-        """TensorBoard's SummaryWriter on rank 0, else None (no logger, another logger, another rank)."""
-        logger = trainer.logger
-        if trainer.is_global_zero and logger is not None and hasattr(logger.experiment, "add_figure"):
-            return logger.experiment
-        return None
+        """TensorBoard's SummaryWriter on rank 0, else None (no TensorBoard logger, another rank)."""
+        if not trainer.is_global_zero:
+            return None
+        return next((logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
 
     def setup(self, trainer, pl_module, stage):
+        if trainer.loggers and self.writer(trainer) is None and trainer.is_global_zero and not self.noticed \
+                and not trainer.fast_dev_run:  # fast_dev_run swaps every logger for a DummyLogger
+            self.noticed = True  # once per run, not again for fit's test pass
+            names = ", ".join(type(logger).__name__ for logger in trainer.loggers)
+            rank_zero_info(f"mnist_lit: the TensorBoard pictures (digits, confusion matrices) need a TensorBoardLogger;"
+                           f" this run logs to {names}, which get the scalars only.")
         classes = pl_module.hparams.num_classes
         self.confusion = {s: MulticlassConfusionMatrix(classes, validate_args=False).to(pl_module.device)
                           for s in STAGES}
@@ -193,36 +199,3 @@ def markdown_matrix(matrix: torch.Tensor) -> str:
     rule = "|---" * (len(matrix) + 1) + "|"
     rows = [f"| {t} | " + " | ".join(map(str, row)) + " |" for t, row in enumerate(matrix.tolist())]
     return "\n".join([header, rule, *rows])
-
-
-def environment() -> dict:
-    """What reproducing a run needs beyond its config: code version, packages, device."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).parent).stdout.strip()
-        except OSError:
-            return ""
-
-    import lightning
-    import torchmetrics
-    import torchvision
-
-    return {"git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain")),
-            "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "torchvision": torchvision.__version__, "torchmetrics": torchmetrics.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
-
-
-def write_results(trainer: L.Trainer, results: dict[str, float], best_checkpoint: str) -> None:
-    """Rank 0: the HPARAMS table (model and data hyperparameters against these results, under
-    ``hp/`` tags so the metric curves stay untouched) and ``metrics.json`` in the run folder."""
-    if not trainer.is_global_zero or trainer.logger is None:
-        return
-    params = {**trainer.lightning_module.hparams, **(trainer.datamodule.hparams if trainer.datamodule else {})}
-    params = {k: v for k, v in params.items() if not k.startswith("_")} | {"seed": torch.initial_seed()}
-    hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in results.items()}
-    trainer.logger.log_hyperparams(params, hp_metrics)
-    record = {"metrics": results, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
-              "best_checkpoint": best_checkpoint, "seed": torch.initial_seed(), "environment": environment()}
-    Path(trainer.logger.log_dir, "metrics.json").write_text(json.dumps(record, indent=1) + "\n")

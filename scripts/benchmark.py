@@ -1,14 +1,17 @@
-"""Training speed side by side: mnist_lit vs a plain PyTorch loop vs the textbook Lightning pipeline.
+"""Training speed side by side: mnist_lit's fast path and its Lightning loop vs a plain PyTorch loop.
 
-    python scripts/benchmark.py                  # CPU: ~8 min on 2 cores; rewrites docs/benchmarks.md + .png
-    python scripts/benchmark.py --repeats 1 --no-docs
+    python scripts/benchmark.py                  # CPU: ~25 min on 2 cores; rewrites docs/benchmarks.md + .png
+    python scripts/benchmark.py --repeats 1 --no-docs --no-extras --textbook
 
 Every variant is its own process (start-up counts), on the same data, model (784-512-256-10),
-SGD settings, epochs and thread count; the variants of one repeat run back to back so that
-ratios compare runs made under the same machine conditions. Per variant it reports
-whole-process wall time, training seconds per epoch after the first (validation excluded),
-samples/s, time from launch to the first training step, peak RSS and final val accuracy, then
-the ratios mnist_lit/plain and textbook/mnist_lit (min and median over repeats). Then:
+SGD settings and epochs: at batch 64, 128 and 512, each at 1 and 2 torch threads, the plain loop,
+mnist_lit's fast path (16 SGD steps per training_step call) and mnist_lit on Lightning's own loop
+(steps_per_training_step 1); then mnist_lit and the plain loop each at its own defaults (whole
+process, fit's test pass included). The variants of one repeat run back to back so that ratios
+compare runs made under the same machine conditions. Per variant it reports whole-process wall
+time, training seconds per epoch after the first (validation excluded), samples/s, time from
+launch to the first training step, peak RSS and final val accuracy, then the ratios to the plain
+loop (min and median over repeats). Optionally the textbook torchvision + DataLoader pipeline. Then:
 time to accuracy (the full default fit, then `test` on the best checkpoint), and epoch time
 with 1 or 2 torch threads, alone and beside a busy process. On a GPU machine it also runs
 bf16-mixed at batch 64, 512 and 4096.
@@ -57,20 +60,25 @@ def run_process(argv: list[str], log: Path, env: dict | None = None) -> dict:
     return {"wall_s": wall, "launched_unix": launched, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-# (hidden1, hidden2, batch): the default config, it with a larger batch, and the issue's reference
-# setting (784-128-64-10 at batch 64), where Lightning's and the data pipeline's per-step costs weigh most.
-SETTINGS = {"default 512-256, batch 128": (512, 256, 128), "512-256, batch 512": (512, 256, 512),
-            "reference 128-64, batch 64": (128, 64, 64)}
-TEXTBOOK_SETTINGS = ("default 512-256, batch 128", "reference 128-64, batch 64")
+# (hidden1, hidden2, batch): the default network at three batch sizes; small batches are where per-step
+# framework costs weigh most.
+SETTINGS = {f"batch {batch}": (512, 256, batch) for batch in (64, 128, 512)}
+THREADS = (1, 2)
+# mnist_lit's two loops: the fast path (16 SGD steps per training_step call) and Lightning's own automatic loop
+# (one batch per call), which --model.steps_per_training_step 1 selects.
+LOOPS = {"mnist_lit fast path (16 steps/call)": ("--model.steps_per_training_step", "16"),
+         "mnist_lit Lightning loop (1 step/call)": ("--model.steps_per_training_step", "1")}
+TEXTBOOK_SETTINGS = ("batch 128",)
 
 
-def mnist_lit(data: Path, work: Path, setting: tuple, epochs: int, threads: int, *extra: str) -> dict:
+def mnist_lit(data: Path, work: Path, setting: tuple, epochs: int, threads: int | None, *extra: str) -> dict:
+    """None threads: the product's default (PyTorch's, one per core)."""
     h1, h2, batch = setting
     probe = work / "probe.json"
     argv = [sys.executable, "-m", "mnist_lit", "fit", "--config", "configs/default.yaml",
             "--data.data_dir", str(data), "--data.download", "false", "--data.batch_size", str(batch),
             "--model.net.init_args.hidden1", str(h1), "--model.net.init_args.hidden2", str(h2),
-            "--trainer.max_epochs", str(epochs), "--torch_threads", str(threads),
+            "--trainer.max_epochs", str(epochs), *(("--torch_threads", str(threads)) if threads else ()),
             "--trainer.logger.init_args.save_dir", str(work / "logs"),
             "--trainer.callbacks+=bench_probe.BenchmarkProbe", *extra]
     result = run_process(argv, work / "log.txt", {"PYTHONPATH": str(SCRIPTS), "BENCHMARK_PROBE_OUT": str(probe)})
@@ -87,10 +95,10 @@ def textbook(data: Path, work: Path, setting: tuple, epochs: int, threads: int, 
     return result | json.loads(probe.read_text())
 
 
-def plain(data: Path, work: Path, setting: tuple, epochs: int, threads: int) -> dict:
+def plain(data: Path, work: Path, setting: tuple, epochs: int, threads: int | None) -> dict:
     h1, h2, batch = setting
     argv = [sys.executable, str(SCRIPTS / "plain_loop.py"), "--data-dir", str(data), "--epochs", str(epochs),
-            "--batch-size", str(batch), "--hidden", str(h1), str(h2), "--threads", str(threads)]
+            "--batch-size", str(batch), "--hidden", str(h1), str(h2), *(("--threads", str(threads)) if threads else ())]
     result = run_process(argv, work / "log.txt")
     lines = [json.loads(line) for line in (work / "log.txt").read_text().splitlines() if line.startswith("{")]
     epochs_ = [line for line in lines if "epoch" in line]
@@ -107,37 +115,49 @@ def summarize(raw: dict) -> dict:
 
 
 def variants(args: argparse.Namespace, data: Path, gpu: bool) -> dict:
-    e, t = args.epochs, args.threads
+    e = args.epochs
     table = {}
     for name, setting in SETTINGS.items():
-        table[f"plain loop, {name}"] = lambda w, s=setting: plain(data, w, s, e, t)
-        table[f"mnist_lit fit, {name}"] = lambda w, s=setting: mnist_lit(data, w, s, e, t)
-        if name in TEXTBOOK_SETTINGS:
+        for t in THREADS:
+            table[f"plain loop, {name}, {t} thr"] = lambda w, s=setting, t=t: plain(data, w, s, e, t)
+            for loop, flags in LOOPS.items():
+                table[f"{loop}, {name}, {t} thr"] = lambda w, s=setting, t=t, f=flags: mnist_lit(data, w, s, e, t, *f)
+    # Each at its own defaults (threads: PyTorch's), the whole process: start-up, 2 epochs, and fit's test pass.
+    setting = SETTINGS["batch 128"]
+    table["plain loop, defaults"] = lambda w: plain(data, w, setting, e, None)
+    table["mnist_lit fit, defaults"] = lambda w: mnist_lit(data, w, setting, e, None)
+    if args.textbook:
+        for name in TEXTBOOK_SETTINGS:
             for workers in (0, 2):
-                table[f"textbook Lightning ({workers} workers), {name}"] = (
-                    lambda w, s=setting, n=workers: textbook(data, w, s, e, t, n))
+                table[f"textbook Lightning ({workers} workers), {name}, 1 thr"] = (
+                    lambda w, s=SETTINGS[name], n=workers: textbook(data, w, s, e, 1, n))
     if gpu:
         for batch in (64, 512, 4096):
             setting = (512, 256, batch)
-            table[f"plain loop, 512-256, batch {batch}"] = lambda w, s=setting: plain(data, w, s, e, t)
-            table[f"mnist_lit fit bf16-mixed, 512-256, batch {batch}"] = (
-                lambda w, s=setting: mnist_lit(data, w, s, e, t, "--trainer.precision", "bf16-mixed"))
+            table[f"plain loop, 512-256, batch {batch}, GPU"] = lambda w, s=setting: plain(data, w, s, e, 1)
+            table[f"mnist_lit fit bf16-mixed, 512-256, batch {batch}, GPU"] = (
+                lambda w, s=setting: mnist_lit(data, w, s, e, 1, "--trainer.precision", "bf16-mixed"))
     return table
 
 
 def ratios(runs: dict, key: str) -> dict:
     """Ratios within each repeat (same machine conditions), then min and median over repeats."""
-    pairs = {}
+    pairs = {"mnist_lit / plain loop, each at its defaults": ("mnist_lit fit, defaults", "plain loop, defaults")}
     for name in SETTINGS:
-        pairs[f"mnist_lit / plain loop, {name}"] = (f"mnist_lit fit, {name}", f"plain loop, {name}")
-        if name in TEXTBOOK_SETTINGS:
-            for workers in (0, 2):
-                pairs[f"textbook ({workers} workers) / mnist_lit, {name}"] = (
-                    f"textbook Lightning ({workers} workers), {name}", f"mnist_lit fit, {name}")
+        for t in THREADS:
+            for loop in LOOPS:
+                pairs[f"{loop} / plain loop, {name}, {t} thr"] = (f"{loop}, {name}, {t} thr",
+                                                                  f"plain loop, {name}, {t} thr")
+    for name in TEXTBOOK_SETTINGS:
+        for workers in (0, 2):
+            pairs[f"textbook ({workers} workers) / mnist_lit fast path, {name}, 1 thr"] = (
+                f"textbook Lightning ({workers} workers), {name}, 1 thr",
+                f"{next(iter(LOOPS))}, {name}, 1 thr")
     out = {}
     for name, (a, b) in pairs.items():
-        values = [ra[key] / rb[key] for ra, rb in zip(runs[a], runs[b], strict=True)]
-        out[name] = (min(values), statistics.median(values))
+        if a in runs and b in runs:
+            values = [ra[key] / rb[key] for ra, rb in zip(runs[a], runs[b], strict=True)]
+            out[name] = (min(values), statistics.median(values))
     return out
 
 
@@ -163,7 +183,7 @@ def contention(data: Path, work: Path, epochs: int) -> dict:
         try:
             for threads in (1, 2):
                 (work / f"{busy}{threads}").mkdir()
-                setting = SETTINGS["default 512-256, batch 128"]
+                setting = SETTINGS["batch 128"]
                 result = summarize(mnist_lit(data, work / f"{busy}{threads}", setting, epochs, threads))
                 out[f"{threads} thread{'s' * (threads > 1)}, {'beside a busy process' if busy else 'alone'}"] = (
                     result["epoch_s"])
@@ -175,7 +195,7 @@ def contention(data: Path, work: Path, epochs: int) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"Measured {report['date']} on {report['machine']} with `{report['command']}` "
-             f"({report['repeats']} repeats, {report['epochs']} epochs, {report['threads']} torch thread(s)).", "",
+             f"({report['repeats']} repeats, {report['epochs']} epochs; 'N thr': N torch threads).", "",
              "| variant | wall s | train s/epoch | samples/s | first step s | peak RSS MB | val acc |",
              "|---|---|---|---|---|---|---|"]
     for name, runs in report["runs"].items():
@@ -212,7 +232,7 @@ def plot(report: dict, path: Path) -> None:
     bars = ax.barh(names[::-1], epoch_s[::-1], color=colors)
     ax.bar_label(bars, fmt="%.2f s", padding=3)
     ax.set_xlabel("training seconds per epoch (55,000 samples), median over repeats; lower is better")
-    ax.set_title(f"MNIST MLP + SGD, {report['threads']} torch thread(s)\n{report['machine']}", fontsize=9)
+    ax.set_title(f"MNIST MLP 512-256 + SGD\n{report['machine']}", fontsize=9)
     ax.set_xlim(0, max(epoch_s) * 1.2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -249,7 +269,8 @@ def main() -> None:
                         help="folder with the four MNIST *-ubyte.gz files (or with MNIST/raw/ holding them)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="for time to accuracy and the GPU runs")
+    parser.add_argument("--textbook", action="store_true", help="also the textbook torchvision + DataLoader pipeline")
     parser.add_argument("--no-extras", action="store_true", help="skip time to accuracy and thread contention")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()

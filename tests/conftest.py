@@ -52,6 +52,13 @@ def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = Tr
     return root
 
 
+@pytest.fixture(autouse=True)
+def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder: what a run writes relative to the cwd (runs without a logger,
+    Lightning's folder for an MLflow store) never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def tiny_mnist(tmp_path: Path) -> Path:
     return write_mnist(tmp_path / "data")

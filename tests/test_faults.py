@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import fit_args, only_run, write_mnist
+from mnist_lit.checkpoints import CheckpointError, load_checkpoint
 from mnist_lit.cli import main
-from mnist_lit.faults import CheckpointError, load_checkpoint
 
 
 def trained_checkpoint(data: Path, tmp_path: Path, *extra: str) -> Path:

@@ -1,5 +1,5 @@
-"""Nothing lost: checkpoints are checked before use (and never unpickled into code), interrupted runs
-leave a checkpoint to resume from, and every such problem ends in one paragraph naming the fix.
+"""Checkpoints: checked before use (and never unpickled into code), written when a run is interrupted, and
+every problem with one ends in a paragraph naming the fix.
 
     python -m mnist_lit fit --config configs/default.yaml --ckpt_path logs/mnist/version_0/checkpoints/last.ckpt
 
@@ -9,7 +9,6 @@ transaction), so a write that fails part-way leaves the previous checkpoint inta
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -75,37 +74,6 @@ def check_fits(model: nn.Module, path: str) -> None:
         raise CheckpointError(f"Checkpoint {path} holds another network than the one configured: "
                               f"{'; '.join(problems)}. Configure the network it was trained with (its run folder's "
                               "config.yaml: --config <run>/config.yaml), or pass a checkpoint of this network.")
-
-
-class LogFolderError(RuntimeError):
-    """The run folder cannot be written; the message names it and the fix."""
-
-
-def check_log_folder(save_dir: str) -> None:
-    """Fail before training, not after the first epoch, when runs cannot be written under ``save_dir``."""
-    folder = Path(save_dir).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
-    if not writable:
-        what = "is a file, not a folder" if not existing.is_dir() else "is not writable"
-        raise LogFolderError(f"Runs cannot be written under {folder}: {existing} {what}. Choose another folder with "
-                             "--trainer.logger.init_args.save_dir DIR (default: logs).")
-
-
-def claim_run_folder(save_dir: str, name: str) -> int:
-    """The next free version_N under save_dir/name, created atomically (mkdir), so that two runs started
-    at the same moment in the same folder never share a run folder (Lightning only lists and counts)."""
-    check_log_folder(save_dir)
-    root = Path(save_dir, name)
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
-    version = max(taken, default=-1) + 1
-    while True:
-        try:
-            (root / f"version_{version}").mkdir()
-            return version
-        except FileExistsError:
-            version += 1
 
 
 class LastCheckpoint(ModelCheckpoint):

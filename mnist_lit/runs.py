@@ -1,0 +1,154 @@
+"""Run folders: where a run's files go, whatever the logger, and what it leaves there at the end.
+
+    python -m mnist_lit fit --config configs/default.yaml                         # logs/mnist/version_N/
+    python -m mnist_lit fit --config configs/default.yaml --trainer.logger false  # the same folder, no events
+
+Each run claims a fresh ``version_N`` atomically, so that runs started together never share one.
+The folder is the first logger's (TensorBoard or CSV: ``save_dir/name/version_N``; any other logger:
+where Lightning puts its checkpoints, ``save_dir/name/version/``), or, with no logger, a claimed
+``logs/mnist/version_N`` used as the Trainer's ``default_root_dir``. Into it go ``config.yaml``
+(``RunConfig``), ``checkpoints/`` (Lightning) and, after ``fit``, ``metrics.json`` (``write_results``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+RUNS_ROOT, RUNS_NAME = "logs", "mnist"  # runs without a logger: logs/mnist/version_N
+
+
+class LogFolderError(RuntimeError):
+    """The run folder cannot be written; the message names it and the fix."""
+
+
+def launched_rank() -> bool:
+    """True in a process that a launcher started as rank > 0 (torchrun, Lightning's DDP, SLURM's srun):
+    rank 0 alone claims the run folder, the others take it from Lightning."""
+    return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+
+
+def check_log_folder(save_dir: str) -> None:
+    """Fail before training, not after the first epoch, when runs cannot be written under ``save_dir``."""
+    folder = Path(save_dir).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    if not writable:
+        what = "is a file, not a folder" if not existing.is_dir() else "is not writable"
+        raise LogFolderError(f"Runs cannot be written under {folder}: {existing} {what}. Choose another folder with "
+                             "--trainer.logger.init_args.save_dir DIR (default: logs).")
+
+
+def claim_run_folder(save_dir: str, name: str) -> int:
+    """The next free version_N under save_dir/name, created atomically (mkdir), so that two runs started
+    at the same moment in the same folder never share a run folder (Lightning only lists and counts)."""
+    check_log_folder(save_dir)
+    root = Path(save_dir, name)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[8:]) for p in root.glob("version_*") if p.name[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def claim_logger_folders(trainer: L.Trainer) -> None:
+    """Give every TensorBoard and CSV logger without a fixed version a freshly claimed ``version_N``.
+
+    Set on the logger, not in the config, so that the saved config.yaml stays reusable for a new run.
+    Neither logger has a public setter for its version (tests/test_lightning_private.py watches ``_version``).
+    """
+    if launched_rank():
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)) and logger._version is None:
+            logger._version = claim_run_folder(logger.save_dir, logger.name)
+
+
+def run_folder(trainer: L.Trainer) -> Path | None:
+    """The run's folder (see the module docstring); None under ``fast_dev_run``, which writes nothing.
+    Under DDP every rank must call it (``Trainer.log_dir`` is a collective)."""
+    if trainer.fast_dev_run:
+        return None
+    log_dir = trainer.log_dir
+    if not trainer.loggers or isinstance(trainer.loggers[0], (TensorBoardLogger, CSVLogger)):
+        return Path(log_dir)
+    logger = trainer.loggers[0]  # e.g. MLflow: the folder that Lightning's ModelCheckpoint uses
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+
+
+class RunConfig(SaveConfigCallback):
+    """``config.yaml``, the resolved config of the run, in its run folder whatever the logger."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, save_to_log_dir=False)  # Lightning's choice of folder: the logger's root
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.folder = run_folder(trainer)  # a collective under DDP: every rank asks, rank 0 alone saves
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        folder = self.folder
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / self.config_filename).exists() and not self.overwrite:
+            raise LogFolderError(f"{folder} already holds the {self.config_filename} of another run, and a run never "
+                                 "overwrites another's files: leave the logger's version unset (each run then gets a "
+                                 "new version_N) or choose another --trainer.default_root_dir.")
+        self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=self.overwrite,
+                         multifile=self.multifile)
+
+
+def environment() -> dict:
+    """What reproducing a run needs beyond its config: code version, packages, device."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+
+    import lightning
+    import torchmetrics
+    import torchvision
+
+    return {"git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain")),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "torchvision": torchvision.__version__, "torchmetrics": torchmetrics.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+
+
+def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, float], best_checkpoint: str) -> None:
+    """Rank 0: the results to every logger (TensorBoard: the HPARAMS table, model and data hyperparameters
+    against them under ``hp/`` tags, so the metric curves stay untouched) and ``metrics.json`` with the
+    provenance record in the run folder."""
+    if not trainer.is_global_zero:
+        return
+    hp_metrics = {f"hp/{k.replace('/', '_')}": v for k, v in results.items()}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            params = {**trainer.lightning_module.hparams, **(trainer.datamodule.hparams if trainer.datamodule else {})}
+            params = {k: v for k, v in params.items() if not k.startswith("_")} | {"seed": torch.initial_seed()}
+            logger.log_hyperparams(params, hp_metrics)
+        else:  # Lightning logged the hyperparameters at fit start; the results go in as metrics
+            logger.log_metrics(hp_metrics, step=trainer.global_step)
+        logger.save()
+    if folder is None:
+        return
+    record = {"metrics": results, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+              "best_checkpoint": best_checkpoint, "seed": torch.initial_seed(), "environment": environment()}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -1,0 +1,106 @@
+"""The fast path is exact: mnist_lit's weights equal, bit for bit (CPU, float32, same seed, same batches),
+those of Lightning's own automatic loop with a plain ``training_step(batch)`` and those of the plain PyTorch
+loop in scripts/plain_loop.py, over 320 SGD steps of the cosine schedule, with clipping and accumulation."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, fit_args, only_run
+from mnist_lit.cli import main
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.model import MLP
+
+EPOCHS, BATCH = 10, 16  # tiny_mnist: 500 training rows at batch 16 = 32 batches an epoch, 320 in all
+TRAINER = {"clip_val": None, "clip_algorithm": "norm", "accumulate": 1}
+
+
+class PlainLightning(L.LightningModule):
+    """Lightning's documented way: automatic optimization, one batch per ``training_step``, the loss returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP()
+
+    def training_step(self, batch):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def mnist_lit_weights(data: Path, logs: Path, clip_val=None, clip_algorithm="norm", accumulate=1,
+                      *extra: str) -> tuple[list[torch.Tensor], str]:
+    args = ["--trainer.max_epochs", str(EPOCHS), "--test_after_fit", "false", "--torch_threads", "1",
+            "--data.batch_size", str(BATCH), "--trainer.check_val_every_n_epoch", str(EPOCHS),
+            "--trainer.accumulate_grad_batches", str(accumulate), *extra]
+    if clip_val is not None:
+        args += ["--trainer.gradient_clip_val", str(clip_val), "--trainer.gradient_clip_algorithm", clip_algorithm]
+    cli = main(fit_args(data, logs, *args))
+    state = torch.load(only_run(logs) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    path = "lightning" if cli.model.automatic_optimization else "fast"
+    return [t for name, t in state.items() if name.startswith("net.")], path
+
+
+def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumulate=1) -> list[torch.Tensor]:
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    model = PlainLightning()
+    trainer = L.Trainer(max_epochs=EPOCHS, gradient_clip_val=clip_val, gradient_clip_algorithm=clip_algorithm,
+                        accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, MNISTDataModule(data_dir=str(data), verify_checksums=False, val_size=100, batch_size=BATCH))
+    return [p.detach() for p in model.net.parameters()]
+
+
+def plain_loop_weights(data: Path, out: Path, clip_val=None, clip_algorithm="norm", accumulate=1) -> list[torch.Tensor]:
+    args = [sys.executable, str(REPO / "scripts" / "plain_loop.py"), "--data-dir", str(data), "--epochs", str(EPOCHS),
+            "--batch-size", str(BATCH), "--val-size", "100", "--threads", "1", "--accumulate", str(accumulate),
+            "--clip-algorithm", clip_algorithm, "--save", str(out)]
+    if clip_val is not None:
+        args += ["--clip-val", str(clip_val)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def assert_identical(ours: list[torch.Tensor], theirs: list[torch.Tensor], what: str) -> None:
+    assert len(ours) == len(theirs) == 6
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert torch.equal(a, b), f"{what}: parameter {i} differs by up to {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("trainer, path", [
+    ({}, "fast"),
+    ({"clip_val": 0.5, "clip_algorithm": "norm"}, "lightning"),
+    ({"clip_val": 0.01, "clip_algorithm": "value"}, "lightning"),
+    ({"accumulate": 2}, "lightning"),
+    ({"clip_val": 0.5, "clip_algorithm": "norm", "accumulate": 2}, "lightning"),
+], ids=["plain", "clip-norm", "clip-value", "accumulate-2", "clip-norm-accumulate-2"])
+def test_weights_equal_lightnings_loop_and_the_plain_loop(tiny_mnist: Path, tmp_path: Path, trainer: dict, path: str):
+    ours, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", **trainer)
+    assert used == path  # clipping and accumulation are Lightning's own: that fit switches to its loop
+    assert_identical(ours, lightning_weights(tiny_mnist, **trainer), "mnist_lit vs Lightning's automatic loop")
+    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt", **trainer), "mnist_lit vs plain loop")
+    if trainer:  # the setting did change the training: this comparison could have failed
+        default = plain_loop_weights(tiny_mnist, tmp_path / "default.pt")
+        assert not all(torch.equal(a, b) for a, b in zip(ours, default, strict=True))
+
+
+def test_the_fast_path_is_exact_when_calls_do_not_divide_the_epoch(tiny_mnist: Path, tmp_path: Path):
+    # 32 batches an epoch in calls of 5, ..., 5 and 2; and Lightning's loop chosen with steps_per_training_step 1.
+    five, path = mnist_lit_weights(tiny_mnist, tmp_path / "five", None, "norm", 1,
+                                   "--model.steps_per_training_step", "5")
+    one, one_path = mnist_lit_weights(tiny_mnist, tmp_path / "one", None, "norm", 1,
+                                      "--model.steps_per_training_step", "1")
+    assert (path, one_path) == ("fast", "lightning")
+    assert_identical(five, one, "5 steps per call vs Lightning's loop")
+    assert_identical(five, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt"), "5 steps per call vs plain loop")

@@ -1,0 +1,37 @@
+"""The private Lightning attributes mnist_lit relies on, each checked where it is used, so that a Lightning
+upgrade that moves one fails here with the name of the fix instead of giving silently wrong numbers."""
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from mnist_lit.model import checkpoint_intervals
+
+
+def test_the_fast_path_can_count_logging_steps_in_sgd_steps():
+    # model.py adds the SGD steps of a call to this counter, which Lightning's logger connector uses as the x-axis.
+    # Public replacement, if Lightning ever offers one: a way to advance the logging step by n.
+    loop = L.Trainer(logger=False).fit_loop.epoch_loop
+    assert isinstance(getattr(loop, "_batches_that_stepped", None), int), (
+        "Lightning no longer has fit_loop.epoch_loop._batches_that_stepped: update MNISTClassifier.sgd_steps, "
+        "or train/* curves will be plotted against training_step calls instead of SGD steps.")
+
+
+def test_loggers_take_a_claimed_version(tmp_path: Path):
+    # runs.claim_logger_folders sets the version Lightning would otherwise pick by listing folders, racing other
+    # runs. Public replacement: a version setter on the loggers (or passing version=, which the saved config keeps).
+    for cls in (TensorBoardLogger, CSVLogger):
+        logger = cls(save_dir=str(tmp_path), name="x")
+        assert logger._version is None, f"{cls.__name__}._version moved: update runs.claim_logger_folders"
+        logger._version = 7
+        assert logger.version == 7 and logger.log_dir.endswith("version_7"), (
+            f"{cls.__name__}.version no longer reads _version: update runs.claim_logger_folders")
+
+
+def test_checkpoint_intervals_are_read_from_model_checkpoint():
+    # model.checkpoint_intervals ends fast-path calls at every_n_train_steps. Public replacement: a property.
+    trainer = L.Trainer(logger=False, callbacks=[ModelCheckpoint(every_n_train_steps=40), ModelCheckpoint()])
+    assert checkpoint_intervals(trainer) == [40], (
+        "ModelCheckpoint._every_n_train_steps moved: update mnist_lit.model.checkpoint_intervals")

@@ -1,0 +1,84 @@
+"""Every logger works by config, and every run writes config.yaml, checkpoints and metrics.json into a
+folder of its own: TensorBoard (the default, tests/test_cli.py), CSV, several at once, none, MLflow."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import fit_args, read_events, scalar
+from mnist_lit.cli import main
+from mnist_lit.runs import run_folder
+
+CSV = "lightning.pytorch.loggers.CSVLogger"
+
+
+def fit(data: Path, tmp_path: Path, *extra: str) -> Path:
+    """A 2-epoch fit (then its test pass); the run folder it printed."""
+    cli = main(fit_args(data, tmp_path / "tb", "--trainer.max_epochs", "2", "--torch_threads", "1", *extra))
+    return run_folder(cli.trainer)
+
+
+def assert_complete_run(folder: Path) -> dict:
+    """config.yaml, both checkpoints and metrics.json with the test result: what any run leaves."""
+    assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((folder / "checkpoints").glob("best-*.ckpt"))) == 1
+    record = json.loads((folder / "metrics.json").read_text())
+    assert 0.5 < record["metrics"]["test/acc"] <= 1 and record["global_step"] == 32
+    assert {"git_commit", "torch", "lightning"} <= set(record["environment"])
+    return record
+
+
+def test_csv_logger_gets_the_curves_and_the_results(tiny_mnist: Path, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture):
+    folder = fit(tiny_mnist, tmp_path, "--trainer.logger", CSV, "--trainer.logger.save_dir", str(tmp_path / "csv"),
+                 "--trainer.logger.name", "mnist")
+    assert folder == tmp_path / "csv" / "mnist" / "version_0"
+    record = assert_complete_run(folder)
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    assert [float(r["val/acc"]) for r in rows if r.get("val/acc")][-1] > 0.5
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(0, 32))  # log_every_n_steps 1
+    assert float(next(r["hp/test_acc"] for r in rows if r.get("hp/test_acc"))) == record["metrics"]["test/acc"]
+    notices = [r.message for r in caplog.records if "need a TensorBoardLogger" in r.message]
+    assert len(notices) == 1 and "CSVLogger" in notices[0]  # the pictures step aside, once, saying so
+
+
+def test_several_loggers_each_get_every_curve(tiny_mnist: Path, tmp_path: Path):
+    folder = fit(tiny_mnist, tmp_path, f"--trainer.logger+={CSV}", "--trainer.logger.save_dir", str(tmp_path / "csv"))
+    assert folder.parent.parent == tmp_path / "tb"  # the first logger's folder holds the run
+    assert_complete_run(folder)
+    (csv_folder,) = (tmp_path / "csv").glob("*/version_0")
+    rows = list(csv.DictReader((csv_folder / "metrics.csv").open()))
+    events = read_events(folder)
+    for tag in ("train/loss", "val/acc", "test/acc"):
+        assert [float(r[tag]) for r in rows if r.get(tag)] == pytest.approx(scalar(events, tag)), tag
+
+
+def test_no_logger_still_gives_each_run_its_own_folder(tiny_mnist: Path, tmp_path: Path):
+    # runs without a logger go to logs/mnist/version_N under the cwd (conftest: this test's tmp_path)
+    folders = [fit(tiny_mnist, tmp_path, "--trainer.logger", "false") for _ in range(2)]
+    assert folders == [Path("logs/mnist/version_0"), Path("logs/mnist/version_1")]
+    for folder in folders:
+        assert_complete_run(folder)
+        assert not list(folder.glob("events.out.tfevents.*"))
+        assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["logger"] is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="the mlflow extra is not installed "
+                    "(pip install -e '.[mlflow]')")
+def test_mlflow_logger_with_a_local_sqlite_store(tiny_mnist: Path, tmp_path: Path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = fit(tiny_mnist, tmp_path, "--trainer.logger", "lightning.pytorch.loggers.MLFlowLogger",
+                 "--trainer.logger.experiment_name", "mnist", "--trainer.logger.tracking_uri", uri,
+                 "--trainer.logger.save_dir", str(tmp_path / "mlruns"))
+    record = assert_complete_run(folder)
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert run.data.metrics["hp/test_acc"] == pytest.approx(record["metrics"]["test/acc"])
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
+    assert run.data.params["lr"] == "0.1"
