@@ -145,6 +145,11 @@ class MNISTClassifier(L.LightningModule):
         # Saved in checkpoints, so a resumed run keeps its best. (The training metrics are not: a checkpoint
         # written at an epoch's end still holds that epoch's counts, which must not leak into the next one.)
         self.val_acc_best.persistent(True)
+        self.decided_for, self.lightning_loop = None, True  # the Trainer for which the loop was chosen, the choice
+        # This epoch's (predictions, targets, losses, batch sizes), counted into the training metrics at its end:
+        # a metric update or self.log costs ~0.3-1 ms, a tenth of a small model's SGD step.
+        self.train_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = []
+        self.last_loss: torch.Tensor | None = None  # Lightning's loop: the loss of the step being taken
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net_forward(x)  # (B, 784) -> (B, 10) logits
@@ -195,11 +200,15 @@ class MNISTClassifier(L.LightningModule):
 
     @property
     def automatic_optimization(self) -> bool:
-        """Lightning's switch, read before and during a fit: True trains with Lightning's own loop."""
+        """Lightning's switch, read before and during a fit (many times a step): True trains with Lightning's
+        own loop. Decided once per Trainer: the flags and callbacks it looks at do not change during a fit."""
         try:
-            return bool(self.one_step_reasons())
+            trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer: nothing to honour, plain automatic optimization
             return True
+        if self.decided_for is not trainer:
+            self.decided_for, self.lightning_loop = trainer, bool(self.one_step_reasons())
+        return self.lightning_loop
 
     @property
     def training_step(self):
@@ -228,11 +237,15 @@ class MNISTClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)  # (B, 784) -> (B, 10)
         loss = F.cross_entropy(logits, y)
-        self.check_finite(loss.detach().view(1))
-        self.train_acc.update(logits.detach().argmax(1), y)
-        self.train_loss.update(loss.detach(), weight=len(y))
-        self.log_training(loss.detach().view(1), [self.optimizers().param_groups[0]["lr"]], len(y))
+        self.last_loss = loss.detach().view(1)
+        self.check_finite(self.last_loss)
+        self.train_outputs.append((logits.detach().argmax(1), y, self.last_loss, [len(y)]))
         return loss  # Lightning runs backward, clipping, accumulation and the optimizer step
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Lightning's loop: once per SGD step (after all batches of an accumulation), its train/loss point."""
+        if self.automatic_optimization:
+            self.log_step_points(self.last_loss, [optimizer.param_groups[0]["lr"]], first=self.global_step)
 
     # -- the fast path: several SGD steps per call -------------------------------------------------------
 
@@ -265,10 +278,8 @@ class MNISTClassifier(L.LightningModule):
         # TensorBoard's x-axis and log_every_n_steps mean optimizer steps. No public API sets this counter
         # (tests/test_lightning_private.py fails loudly if it moves).
         self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(losses) - 1
-        # Metric updates and epoch logging once per call, not per SGD step: each costs ~0.3-1 ms.
-        self.train_acc.update(torch.cat(predictions), torch.cat(targets))
-        self.train_loss.update(losses, weight=torch.tensor(sizes, device=losses.device))  # per sample, as Lightning's
-        self.log_training(losses, lrs, sum(sizes))
+        self.train_outputs.append((torch.cat(predictions), torch.cat(targets), losses, sizes))
+        self.log_step_points(losses, lrs, first=self.global_step - len(losses))
 
     def steps_this_call(self) -> int:
         """SGD steps for the next call: ``steps_per_training_step``, ending early at ``max_steps`` and at every
@@ -295,24 +306,31 @@ class MNISTClassifier(L.LightningModule):
             "(0.1 is the tested default; try 10x lower), or resume from the last good checkpoint "
             "(checkpoints/last.ckpt of this run) with a lower lr.")
 
-    def log_training(self, losses: torch.Tensor, lrs: list[float], samples: int) -> None:
-        """The epoch's train/loss_epoch and train/acc; train/loss (also in the progress bar) and train/lr of
-        every SGD step whose number is a multiple of log_every_n_steps, as Lightning's loop logs them."""
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=samples)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=samples)
-        if self.automatic_optimization:  # Lightning decides when a point is due
-            self.log("train/loss", losses[0], on_step=True, on_epoch=False, prog_bar=True, batch_size=samples)
-            self.log("train/lr", lrs[0], on_step=True, on_epoch=False, batch_size=samples)
+    def log_step_points(self, losses: torch.Tensor, lrs: list[float], first: int) -> None:
+        """train/loss and train/lr of the SGD steps ``first``, ``first + 1``, ... (one per loss) whose number is a
+        multiple of log_every_n_steps, where Lightning's loop puts them; to every logger (rank 0)."""
+        every = self.trainer.log_every_n_steps
+        due = [i for i in range(len(losses)) if every and (first + i + 1) % every == 0]
+        if due:
+            # The progress bar's value (batch_size: no mean over batches is taken, Lightning only asks for one).
+            self.log("train/loss", losses[due[-1]], prog_bar=True, logger=False, batch_size=1)
+        if not due or not self.trainer.is_global_zero:
             return
-        self.log("train/loss", losses[-1], on_step=True, on_epoch=False, prog_bar=True, logger=False,
-                 batch_size=samples)
-        every, first = self.trainer.log_every_n_steps, self.global_step - len(losses)  # step number of losses[0]
-        if not self.trainer.is_global_zero or every == 0:
+        for i in due:
+            for logger in self.loggers:
+                logger.log_metrics({"train/loss": losses[i].item(), "train/lr": lrs[i]}, step=first + i)
+
+    def on_train_epoch_end(self) -> None:
+        """The epoch's train/acc and train/loss_epoch (sample-weighted), from every step's outputs."""
+        if not self.train_outputs:
             return
-        for i in range(len(losses)):
-            if (first + i + 1) % every == 0:
-                for logger in self.loggers:
-                    logger.log_metrics({"train/loss": losses[i].item(), "train/lr": lrs[i]}, step=first + i)
+        predictions, targets, losses, sizes = zip(*self.train_outputs, strict=True)
+        self.train_outputs = []
+        losses = torch.cat(losses)
+        self.train_acc.update(torch.cat(predictions), torch.cat(targets))
+        self.train_loss.update(losses, weight=torch.tensor([n for s in sizes for n in s], device=losses.device))
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=1)  # metric objects:
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=1)  # batch_size unused
 
     def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch

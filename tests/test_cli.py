@@ -182,8 +182,4 @@ def test_step_curves_are_lightnings_own_when_calls_do_not_divide_the_interval(ti
         curves[steps] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
                          for tag in ("train/loss", "train/lr", "train/loss_epoch", "train/acc", "val/acc")}
     assert [step for step, _ in curves["5"]["train/loss"]] == [7, 15, 23, 31]
-    # The epoch mean loss sums the same float32 terms in another order (per call, not per step): equal to rounding.
-    fast_epoch, lightning_epoch = curves["5"].pop("train/loss_epoch"), curves["1"].pop("train/loss_epoch")
-    assert [s for s, _ in fast_epoch] == [s for s, _ in lightning_epoch] == [15, 31]
-    assert [v for _, v in fast_epoch] == pytest.approx([v for _, v in lightning_epoch], rel=1e-6)
     assert curves["5"] == curves["1"]
