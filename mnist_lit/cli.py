@@ -3,6 +3,7 @@
     python -m mnist_lit fit --config configs/default.yaml
     python -m mnist_lit test --config configs/default.yaml --ckpt_path logs/mnist/version_0/checkpoints/last.ckpt
     python -m mnist_lit fit --config configs/default.yaml --print_config
+    python -m mnist_lit fit --config configs/default.yaml --model.optimizer.help torch.optim.AdamW
 
 Every option is an ``__init__`` argument of ``MNISTClassifier`` (``--model.*``),
 ``MNISTDataModule`` (``--data.*``), Lightning's ``Trainer`` (``--trainer.*``),
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from mnist_lit.checkpoints import SPECIAL_CKPT_PATHS, CheckpointError, LastCheckpoint, check_fits, load_checkpoint
 from mnist_lit.data import MNISTDataError, MNISTDataModule
 from mnist_lit.model import MNISTClassifier, TrainingDiverged
+from mnist_lit.optimization import OptimizationError
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TensorBoardReport
 from mnist_lit.runs import (
@@ -145,10 +147,11 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     sigint_handler = signal.getsignal(signal.SIGINT)  # before_fit replaces it for the run's duration
     try:
         return MNISTCLI(MNISTClassifier, MNISTDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
-                        auto_configure_optimizers=False,  # SGD is configured by --model.* only
+                        auto_configure_optimizers=False,  # --model.optimizer / --model.lr_scheduler instead
                         save_config_callback=RunConfig,
                         parser_kwargs={"prog": "python -m mnist_lit"})
-    except (MNISTDataError, CheckpointError, LogFolderError, TrainingDiverged, MisconfigurationException) as err:
+    except (MNISTDataError, CheckpointError, LogFolderError, TrainingDiverged, OptimizationError,
+            MisconfigurationException) as err:
         # MisconfigurationException: Lightning refusing a combination of its own flags, in a sentence naming them
         if os.environ.get("JSONARGPARSE_DEBUG"):
             raise

@@ -1,21 +1,24 @@
 """The network and how it learns: an MLP on 784 pixels, SGD on cross-entropy, one metric object per stage.
 
-    python -m mnist_lit fit --config configs/default.yaml --model.lr 0.05
+    python -m mnist_lit fit --config configs/default.yaml --model.optimizer.init_args.lr 0.05
 
 ``MLP`` is a plain ``nn.Module`` that returns logits; ``MNISTClassifier`` wraps any such
-network (``model.net`` takes a ``class_path``) with the loss, the optimizer and the metrics.
+network (``model.net`` takes a ``class_path``) with the loss, the optimizer and schedule (any
+``torch.optim`` class by config, ``optimization.py``), the metrics and the two training loops.
 Softmax appears only in ``predict_step``: the loss takes logits.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Iterator
 from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
     BatchSizeFinder,
@@ -29,8 +32,11 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, ReduceLROnPlateau
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from mnist_lit.optimization import OptimizationError, OptimizerFactory, ScheduleFactory, build_optimizer, build_schedule
 
 
 class MLP(nn.Module):
@@ -100,7 +106,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class MNISTClassifier(L.LightningModule):
-    """A classifier trained with SGD on cross-entropy, logging ``{train,val,test}/{loss,acc}`` and ``val/acc_best``.
+    """A classifier trained by SGD (or any optimizer) on cross-entropy, logging ``{train,val,test}/{loss,acc}``
+    and ``val/acc_best``.
 
     Two ways to train, chosen per fit, with the same result (tests/test_exactness.py checks the weights bit for bit):
 
@@ -115,11 +122,15 @@ class MNISTClassifier(L.LightningModule):
 
     Args:
         net: the network, images (B, 784) -> logits (B, 10); None means ``MLP()``.
-        lr: SGD learning rate (the peak, when a schedule is used).
-        momentum: SGD momentum.
-        nesterov: use Nesterov momentum.
-        weight_decay: L2 penalty added by SGD.
-        lr_schedule: ``cosine`` decays lr to 0 over all training steps, per step; ``constant`` keeps it.
+        optimizer: a ``torch.optim`` class (or your own) with its init_args, given the parameters; None means
+            ``SGD(lr=0.1, momentum=0.9, nesterov=True)``, the tested default (configs/default.yaml).
+        lr_scheduler: an lr schedule class with its init_args, given the optimizer; its length (``T_max``,
+            ``total_steps``) comes from the Trainer. The default: cosine from the optimizer's lr to 0 over the
+            run. None keeps the lr constant.
+        lr_scheduler_interval: step the schedule after every SGD ``step`` or every ``epoch``
+            (``ReduceLROnPlateau`` is stepped per epoch, after validation).
+        lr_scheduler_monitor: the metric ``ReduceLROnPlateau`` watches (``val/loss``, or ``val/acc`` with
+            its ``mode: max``).
         steps_per_training_step: SGD steps per Lightning ``training_step`` call on the fast path; 1 trains
             every fit with Lightning's own loop.
         num_classes: number of classes the metrics count.
@@ -128,12 +139,15 @@ class MNISTClassifier(L.LightningModule):
             same either way.
     """
 
-    def __init__(self, net: nn.Module | None = None, lr: PositiveFloat = 0.1, momentum: float = 0.9,
-                 nesterov: bool = True, weight_decay: float = 0.0,
-                 lr_schedule: Literal["cosine", "constant"] = "cosine", steps_per_training_step: PositiveInt = 16,
-                 num_classes: PositiveInt = 10, compile: bool = False):
+    def __init__(self, net: nn.Module | None = None, optimizer: OptimizerFactory | None = None,
+                 lr_scheduler: ScheduleFactory | None = CosineAnnealingLR,
+                 lr_scheduler_interval: Literal["step", "epoch"] = "step", lr_scheduler_monitor: str = "val/loss",
+                 steps_per_training_step: PositiveInt = 16, num_classes: PositiveInt = 10, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
+        if inspect.isclass(lr_scheduler):  # from Python: a name in the checkpoint, not a pickled class
+            self.hparams.lr_scheduler = f"{lr_scheduler.__module__}.{lr_scheduler.__qualname__}"
+        self.optimizer_factory, self.schedule_factory = optimizer, lr_scheduler
         self.net = net if net is not None else MLP(num_classes=num_classes)
         self.net_forward = self.net.forward  # or its compiled version, set in setup()
         # Plain (micro) accuracy; validate_args=False skips per-update range checks that sync the device.
@@ -160,16 +174,35 @@ class MNISTClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                    weight_decay=hp.weight_decay)
-        if hp.lr_schedule == "constant":
+        optimizer = build_optimizer(self.optimizer_factory, self.parameters())
+        if self.schedule_factory is None:
             return optimizer
-        total_steps = self.trainer.estimated_stepping_batches  # SGD steps over the whole run
-        if total_steps == float("inf"):
-            raise ValueError("--model.lr_schedule cosine needs a finite run: set --trainer.max_epochs or "
-                             "--trainer.max_steps, or use --model.lr_schedule constant.")
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        interval = hp.lr_scheduler_interval
+        steps = self.trainer.estimated_stepping_batches  # SGD steps over the whole run (inf when unbounded)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else math.inf
+        if self.trainer.max_steps >= 0 and math.isfinite(steps):  # max_steps may end the run first
+            epochs = min(epochs, math.ceil(steps / max(1, self.steps_per_epoch())))
+        scheduler = build_schedule(self.schedule_factory, optimizer, steps, epochs, interval)
+        if isinstance(scheduler, ReduceLROnPlateau):
+            interval = "epoch"
+            self.check_plateau(scheduler)
+        self.schedule_interval = interval  # the fast path steps the schedule itself (sgd_steps, on_train_epoch_end)
+        if not self.automatic_optimization:
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval,
+                                                         "monitor": hp.lr_scheduler_monitor}}
+
+    def steps_per_epoch(self) -> int:
+        batches = self.trainer.num_training_batches
+        return math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches) else 1
+
+    def check_plateau(self, scheduler: ReduceLROnPlateau) -> None:
+        monitor, mode = self.hparams.lr_scheduler_monitor, scheduler.mode
+        wanted = "max" if monitor.endswith("acc") else "min"
+        if mode != wanted:
+            raise OptimizationError(f"--model.lr_scheduler ReduceLROnPlateau watches {monitor} (--model."
+                                    f"lr_scheduler_monitor) with mode {mode}, but {monitor} gets better as it goes "
+                                    f"{'up' if wanted == 'max' else 'down'}: set --model.lr_scheduler.mode {wanted}.")
 
     # -- which loop trains this fit --------------------------------------------------------------------
 
@@ -264,7 +297,7 @@ class MNISTClassifier(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self.run_backward(loss)
             optimizer.step()  # Lightning's optimizer: counts global_step, runs on_before_optimizer_step
-            if scheduler is not None:
+            if scheduler is not None and self.schedule_interval == "step":
                 scheduler.step()
             losses.append(loss.detach())
             predictions.append(logits.detach().argmax(1))
@@ -293,6 +326,13 @@ class MNISTClassifier(L.LightningModule):
 
     # -- shared by both loops ----------------------------------------------------------------------------
 
+    def monitored_metric(self) -> torch.Tensor:
+        monitor = self.hparams.lr_scheduler_monitor
+        if monitor not in self.trainer.callback_metrics:
+            raise OptimizationError(f"--model.lr_scheduler_monitor is {monitor}, which this run does not log at the "
+                                    "end of an epoch: use val/loss or val/acc (with validation every epoch).")
+        return self.trainer.callback_metrics[monitor]
+
     def check_finite(self, losses: torch.Tensor) -> None:
         """Stop at the first NaN or infinite loss, naming the step and the fix (one device sync)."""
         if torch.isfinite(losses).all():
@@ -302,9 +342,9 @@ class MNISTClassifier(L.LightningModule):
         raise TrainingDiverged(
             f"The training loss became {losses[bad].item()} at SGD step {step} (epoch {self.current_epoch}, lr "
             f"{self.optimizers().param_groups[0]['lr']:.3g}); training stopped and no checkpoint was written from "
-            "it. The learning rate is most likely too high for this network and batch size: lower --model.lr "
-            "(0.1 is the tested default; try 10x lower), or resume from the last good checkpoint "
-            "(checkpoints/last.ckpt of this run) with a lower lr.")
+            "it. The learning rate is most likely too high for this network and batch size: lower "
+            "--model.optimizer.init_args.lr (0.1 is the tested default for SGD; try 10x lower), or resume from the "
+            "last good checkpoint (checkpoints/last.ckpt of this run) with a lower lr.")
 
     def log_step_points(self, losses: torch.Tensor, lrs: list[float], first: int) -> None:
         """train/loss and train/lr of the SGD steps ``first``, ``first + 1``, ... (one per loss) whose number is a
@@ -321,7 +361,14 @@ class MNISTClassifier(L.LightningModule):
                 logger.log_metrics({"train/loss": losses[i].item(), "train/lr": lrs[i]}, step=first + i)
 
     def on_train_epoch_end(self) -> None:
-        """The epoch's train/acc and train/loss_epoch (sample-weighted), from every step's outputs."""
+        """The epoch's train/acc and train/loss_epoch (sample-weighted), from every step's outputs; on the fast
+        path, a per-epoch schedule's step (Lightning's loop steps it itself, after this hook)."""
+        scheduler = self.lr_schedulers() if not self.automatic_optimization else None
+        if scheduler is not None and self.schedule_interval == "epoch":
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(self.monitored_metric())
+            else:
+                scheduler.step()
         if not self.train_outputs:
             return
         predictions, targets, losses, sizes = zip(*self.train_outputs, strict=True)

@@ -1,7 +1,7 @@
 """A grid of overrides x seeds, each run a separate `python -m mnist_lit fit`, N at a time; then a CSV and a
 Markdown table of mean ± std per configuration.
 
-    python scripts/sweep.py --name lr --grid model.lr=0.05,0.1,0.2 --seeds 0 1 2 --parallel 2
+    python scripts/sweep.py --name lr --grid model.optimizer.init_args.lr=0.05,0.1,0.2 --seeds 0 1 2 --parallel 2
     python scripts/sweep.py --name recipe --config configs/default.yaml --config configs/experiment/mlp_99.yaml \\
         --seeds 0 1 2 -- --trainer.max_epochs 20
 
@@ -10,7 +10,7 @@ config.yaml, checkpoints, metrics.json) beside its console log seed<S>.log. A ru
 its metrics.json exists; running the same command again skips finished runs, resumes an interrupted one
 from its last.ckpt (exactly, batch for batch) and starts the rest, then rewrites results.csv and
 results.md. Ctrl-C stops every run at a step boundary with a last.ckpt to resume from. Arguments after
-`--` go to every run. Runs use one torch thread each (--torch_threads 1 in the default config), so
+`--` go to every run. Runs use one torch thread each (--torch_threads 1, unless given after `--`), so
 --parallel up to the number of cores does not oversubscribe them.
 """
 
@@ -36,7 +36,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            sys.exit(f"error: --grid {item!r} is not KEY=V1,V2,...; e.g. --grid model.lr=0.05,0.1")
+            sys.exit(f"error: --grid {item!r} is not KEY=V1,V2,...; e.g. --grid model.optimizer.init_args.lr=0.05,0.1")
         grid[key.removeprefix("--")] = values.split(",")
     return grid
 
@@ -65,7 +65,7 @@ class Run:
             command += ["--config", config]
         for key, value in self.overrides.items():
             command += [f"--{key}", value]
-        command += ["--seed_everything", str(self.seed),
+        command += ["--seed_everything", str(self.seed), "--torch_threads", "1",
                     "--trainer.logger.init_args.save_dir", str(self.folder.parent.parent),
                     "--trainer.logger.init_args.name", self.configuration,
                     "--trainer.logger.init_args.version", self.folder.name,

@@ -102,8 +102,9 @@ def only_run(log_root: Path) -> Path:
 
 
 def fit_args(data_root: Path, log_root: Path, *extra: str) -> list[str]:
-    """CLI args for a short run on the given data, logging under log_root."""
-    return ["fit", "--config", str(REPO / "configs" / "default.yaml"),
+    """CLI args for a short run on the given data, logging under log_root, on one torch thread (results depend
+    on the thread count; runs in a test, in-process or not, must agree)."""
+    return ["fit", "--config", str(REPO / "configs" / "default.yaml"), "--torch_threads", "1",
             "--data.data_dir", str(data_root), "--data.verify_checksums", "false",
             "--trainer.logger.init_args.save_dir", str(log_root),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

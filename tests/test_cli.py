@@ -42,13 +42,13 @@ def test_fit_writes_one_run_with_metrics_config_and_checkpoints(tiny_mnist: Path
 
 
 def test_hparams_tab_and_metrics_json_hold_the_runs_real_results(tiny_mnist: Path, tmp_path: Path):
-    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--model.lr", "0.05"))
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--model.optimizer.init_args.lr", "0.05"))
     run = only_run(tmp_path / "logs")
     events = read_events(run)
     content = events.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hparams = dict(session.session_start_info.hparams)
-    assert hparams["lr"].number_value == 0.05 and hparams["batch_size"].number_value == 32
+    assert hparams["optimizer/init_args/lr"].number_value == 0.05 and hparams["batch_size"].number_value == 32
     assert hparams["net/init_args/hidden1"].number_value == 512 and "seed" in hparams
     assert not any(key.startswith("_") for key in hparams)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
@@ -80,7 +80,7 @@ def test_steps_per_training_step_does_not_change_the_optimization(tiny_mnist: Pa
 
 
 def test_resume_continues_epoch_step_optimizer_and_schedule(tiny_mnist: Path, tmp_path: Path):
-    constant = ("--model.lr_schedule", "constant")
+    constant = ("--model.lr_scheduler", "null")
     main(fit_args(tiny_mnist, tmp_path / "once", "--trainer.max_epochs", "2", *constant))
     main(fit_args(tiny_mnist, tmp_path / "first", "--trainer.max_epochs", "1", *constant))
     last = only_run(tmp_path / "first") / "checkpoints" / "last.ckpt"
@@ -123,12 +123,12 @@ def test_help_and_print_config_name_the_real_command(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["lr"] == 0.1 and printed["data"]["batch_size"] == 128
+    assert printed["model"]["optimizer"]["init_args"]["lr"] == 0.1 and printed["data"]["batch_size"] == 128
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model.hiden", "3"], "unrecognized arguments: --model.hiden"),
-    (["--model.lr", "abc"], 'Parser key "model.lr"'),
+    (["--model.optimizer.init_args.lr", "abc"], 'Parser key "model.optimizer"'),
     (["--data.batch_size", "0"], 'Parser key "data.batch_size"'),
     (["--torch_threads", "0"], 'Parser key "torch_threads"'),
 ])

@@ -99,7 +99,7 @@ def test_log_folder_that_cannot_be_written_is_named(tiny_mnist: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("option", ["--model.net.init_args.hidden1=0", "--model.net.init_args.hidden2=-3",
-                                    "--data.eval_batch_size=0", "--model.lr=-1"])
+                                    "--data.eval_batch_size=0"])
 def test_impossible_sizes_are_refused_at_parse_time(tiny_mnist: Path, tmp_path: Path, option: str,
                                                     capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_:
@@ -111,8 +111,9 @@ def test_diverging_loss_stops_with_the_step_and_writes_no_broken_checkpoint(
         tiny_mnist: Path, tmp_path: Path):
     good = trained_checkpoint(tiny_mnist, tmp_path)
     before = good.read_bytes()
-    message = fails_with(fit_args(tiny_mnist, tmp_path / "logs", "--model.lr", "1e9"))
-    assert "The training loss became" in message and "at SGD step" in message and "--model.lr" in message
+    message = fails_with(fit_args(tiny_mnist, tmp_path / "logs", "--model.optimizer.init_args.lr", "1e9"))
+    assert "The training loss became" in message and "at SGD step" in message
+    assert "--model.optimizer.init_args.lr" in message
     assert good.read_bytes() == before  # an earlier run's checkpoints are untouched
     for ckpt in (tmp_path / "logs").rglob("*.ckpt"):  # and nothing non-finite was saved
         weights = torch.load(ckpt, weights_only=True)["state_dict"]

@@ -1,6 +1,7 @@
 """The model learns: its optimizer is Nesterov SGD as written in the textbook, on real digits it lowers the
 loss and overfits a small batch, and it predicts probabilities."""
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def test_network_maps_pixels_to_ten_logits():
 def test_the_optimizer_is_nesterov_sgd_with_weight_decay_as_written(real_batch):
     # v <- mu v + (g + wd p);  p <- p - lr (g + wd p + mu v): any other update rule drifts away within steps.
     torch.manual_seed(0)
-    model = MNISTClassifier(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, lr_schedule="constant")
+    optimizer = partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    model = MNISTClassifier(optimizer=optimizer, lr_scheduler=None)
     params = [p.detach().clone() for p in model.parameters()]
     velocity = [torch.zeros_like(p) for p in params]
     x, y = real_batch
@@ -62,13 +64,13 @@ def test_the_optimizer_is_nesterov_sgd_with_weight_decay_as_written(real_batch):
 
 def test_a_few_steps_lower_the_loss_on_real_digits(real_batch):
     torch.manual_seed(0)
-    losses = sgd_steps(MNISTClassifier(lr=0.1, lr_schedule="constant"), *real_batch, steps=20)
+    losses = sgd_steps(MNISTClassifier(lr_scheduler=None), *real_batch, steps=20)
     assert losses[0] > 2.0 and losses[-1] < 0.3 * losses[0]  # from chance (ln 10 = 2.3) to 0.5 here
 
 
 def test_overfits_a_small_batch_of_real_digits(real_batch):
     torch.manual_seed(0)
-    model = MNISTClassifier(net=None, lr=0.05, lr_schedule="constant")
+    model = MNISTClassifier(optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True), lr_scheduler=None)
     x, y = real_batch[0][:32], real_batch[1][:32]
     losses = sgd_steps(model, x, y, steps=60)
     assert losses[-1] < 0.01

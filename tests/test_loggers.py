@@ -81,4 +81,4 @@ def test_mlflow_logger_with_a_local_sqlite_store(tiny_mnist: Path, tmp_path: Pat
     (run,) = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
     assert run.data.metrics["hp/test_acc"] == pytest.approx(record["metrics"]["test/acc"])
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
-    assert run.data.params["lr"] == "0.1"
+    assert run.data.params["optimizer/init_args/lr"] == "0.1"

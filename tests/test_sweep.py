@@ -18,7 +18,8 @@ SWEEP = [sys.executable, str(REPO / "scripts" / "sweep.py")]
 
 
 def sweep(root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [*SWEEP, "--name", "lr", "--root", str(root), "--grid", "model.lr=0.02,0.1", "--seeds", "0", "1",
+    command = [*SWEEP, "--name", "lr", "--root", str(root), "--grid", "model.optimizer.init_args.lr=0.02,0.1",
+               "--seeds", "0", "1",
                "--parallel", "2", *extra, "--", "--data.data_dir", str(data), "--data.verify_checksums", "false",
                "--data.batch_size", "32", "--data.val_size", "100", "--trainer.max_epochs", "2",
                "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]
@@ -34,7 +35,7 @@ def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tin
     done = sweep(tmp_path, tiny_mnist)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = read_csv(tmp_path / "lr" / "results.csv")
-    assert [(r["configuration"], r["model.lr"], r["seed"], r["status"]) for r in rows] == [
+    assert [(r["configuration"], r["model.optimizer.init_args.lr"], r["seed"], r["status"]) for r in rows] == [
         ("lr=0.02", "0.02", "0", "ok"), ("lr=0.02", "0.02", "1", "ok"), ("lr=0.1", "0.1", "0", "ok"),
         ("lr=0.1", "0.1", "1", "ok")]
     for row in rows:  # each run is a normal run folder, with its own seed recorded
@@ -80,11 +81,12 @@ def test_a_failing_run_is_reported_and_the_sweep_exits_nonzero(tiny_mnist: Path,
     assert statuses == ["ok", "failed"]
 
 
-@pytest.mark.parametrize("args", [["--grid", "model.lr"], ["--parallel", "0"]])
+@pytest.mark.parametrize("args", [["--grid", "model.optimizer.init_args.lr"], ["--parallel", "0"]])
 def test_bad_sweep_arguments_are_named(args: list[str], tmp_path: Path):
     done = subprocess.run([*SWEEP, "--name", "x", "--root", str(tmp_path), *args], capture_output=True, text=True)
     assert done.returncode == 2 if "--parallel" in args else done.returncode == 1
-    assert ("--grid 'model.lr' is not KEY=V1,V2" in done.stderr) or ("--parallel must be at least 1" in done.stderr)
+    assert ("--grid 'model.optimizer.init_args.lr' is not KEY=V1,V2" in done.stderr
+            or "--parallel must be at least 1" in done.stderr)
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ def report_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("report")
     data = write_mnist(root / "data")
-    main(fit_args(data, root / "logs", "--trainer.max_epochs", "3", "--model.lr", "0.003",
-                  "--model.lr_schedule", "constant", "--report.histograms", "true"))
+    main(fit_args(data, root / "logs", "--trainer.max_epochs", "3", "--model.optimizer.init_args.lr", "0.003",
+                  "--model.lr_scheduler", "null", "--report.histograms", "true"))
     return only_run(root / "logs")
 
 
@@ -102,7 +102,7 @@ def test_tensorboard_serves_the_runs_scalars_hparams_and_images(report_run: Path
         assert len(points) == 3 and all(0 <= p[2] <= 1 for p in points)  # [wall time, step, value]
         experiment = get(f"{base}/hparams/experiment", {"experimentName": ""})
         hparams = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"lr", "batch_size", "net/init_args/hidden1"} <= hparams
+        assert {"optimizer/init_args/lr", "batch_size", "net/init_args/hidden1"} <= hparams
         assert {m["name"]["tag"] for m in experiment["metricInfos"]} >= {"hp/val_acc_best", "hp/test_acc"}
         assert {"val/inputs", "val/misclassified", "val/confusion_matrix"} <= set(get(f"{base}/images/tags")["."])
     finally:
