@@ -28,7 +28,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mnist_lit.checkpoints import SPECIAL_CKPT_PATHS, CheckpointError, LastCheckpoint, check_fits, load_checkpoint
-from mnist_lit.data import MNISTDataError, MNISTDataModule
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.idx import MNISTDataError
 from mnist_lit.model import MNISTClassifier, TrainingDiverged
 from mnist_lit.optimization import OptimizationError
 from mnist_lit.predict import PredictionWriter
@@ -38,10 +39,14 @@ from mnist_lit.runs import (
     RUNS_ROOT,
     LogFolderError,
     RunConfig,
+    changed_beside_checkpoint,
+    checkpoint_conflict_message,
+    ckpt_path_in,
     claim_logger_folders,
     claim_run_folder,
     launched_rank,
     run_folder,
+    with_run_config,
     write_results,
 )
 
@@ -75,11 +80,27 @@ class MNISTCLI(LightningCLI):
                                  "as more threads do (docs/benchmarks.md).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
-        # Checked here, before Lightning reads hyperparameters from it: a clear refusal, nothing unpickled.
-        ckpt_path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
-        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
-            load_checkpoint(ckpt_path)
+        """With --ckpt_path: the checkpoint is checked first (a clear refusal, nothing unpickled), and the run's
+        own config it carries is parsed under the user's arguments, which may change only what
+        ``runs.BESIDE_CHECKPOINT`` allows."""
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+        ckpt_path = ckpt_path_in(argv) if argv else None
+        self.run_config = None
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and argv[0] in self.subcommands():
+            self.run_config = load_checkpoint(ckpt_path).get("run_config")
+        super().parse_arguments(parser, with_run_config(argv, self.run_config) if self.run_config else args)
+        if self.run_config:
+            config = self.parser.dump(self.config, skip_none=False)
+            changed = changed_beside_checkpoint(self.run_config, config, self.config.subcommand)
+            if changed:
+                raise CheckpointError(checkpoint_conflict_message(ckpt_path, changed))
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's own merge puts the checkpoint's model hyperparameters over the user's flags; a checkpoint
+        # that carries its run's config was merged under them instead (parse_arguments). Older checkpoints, and
+        # ones saved from Python, keep Lightning's behaviour. (tests/test_lightning_private.py watches this hook.)
+        if not self.run_config:
+            super()._parse_ckpt_path()
 
     def before_run(self) -> None:
         """Before any subcommand: the checkpoint fits the configured network, and the run folder is claimed."""
@@ -126,7 +147,7 @@ class MNISTCLI(LightningCLI):
         if self.config.fit.test_after_fit:
             (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results |= {k: test[k] for k in ("test/acc", "test/loss")}
-        write_results(trainer, folder, results, best)
+        write_results(trainer, folder, results, best, resumed_from=self.config.fit.ckpt_path)
         if trainer.is_global_zero:
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best or None}\nRun folder: {folder}")
 
@@ -158,3 +179,7 @@ def main(args: list[str] | None = None) -> MNISTCLI:
         sys.exit("error: " + " ".join(str(err).split()))  # one paragraph
     finally:
         signal.signal(signal.SIGINT, sigint_handler)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning keeps the process group for a next fit; a finished run ends it, so that no rank's exit
+            # waits on a peer that already left (a multi-node run that printed its results, then hung).
+            torch.distributed.destroy_process_group()

@@ -4,7 +4,7 @@
     python -m mnist_lit.export logs/mnist/version_0/checkpoints/last.ckpt --format pt2   # torch.export
 
 The artifact takes ``pixels``, float32 (B, 28, 28) with MNIST's values 0..255 (white digit on
-black; ``mnist_lit.predict.to_mnist`` prepares other pictures), applies the normalization the
+black; ``mnist_lit.images.to_mnist`` prepares other pictures), applies the normalization the
 model was trained with (stored in the checkpoint), and returns ``probabilities`` (B, 10). Any
 batch size works. ONNX needs ``pip install onnx onnxscript onnxruntime`` (the ``export`` extra).
 """

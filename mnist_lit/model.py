@@ -10,6 +10,7 @@ Softmax appears only in ``predict_step``: the loss takes logits.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterator
@@ -36,7 +37,15 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, ReduceLROnPlateau
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_lit.optimization import OptimizationError, OptimizerFactory, ScheduleFactory, build_optimizer, build_schedule
+from mnist_lit.optimization import (
+    OptimizationError,
+    OptimizerFactory,
+    ScheduleFactory,
+    build_optimizer,
+    build_schedule,
+    built_class,
+    extend_schedule,
+)
 
 
 class MLP(nn.Module):
@@ -101,6 +110,21 @@ def checkpoint_intervals(trainer: L.Trainer) -> list[int]:
             if callback._every_n_train_steps > 0]
 
 
+def plain(value):
+    """A hyperparameter as plain data that a weights-only checkpoint can hold. LightningCLI already gives
+    ``{class_path, init_args}`` dicts; from Python a module, class or partial becomes the same kind of
+    record, with the init_args that can be known (a module's own are not kept by torch: class only)."""
+    if isinstance(value, functools.partial) and (cls := built_class(value)) is not None:
+        if all(isinstance(v, (int, float, str, bool, type(None))) for v in value.keywords.values()):
+            return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(value.keywords)}
+        value = cls
+    if isinstance(value, nn.Module):
+        value = type(value)
+    if inspect.isclass(value):
+        return {"class_path": f"{value.__module__}.{value.__qualname__}"}
+    return value
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the likely fix."""
 
@@ -131,6 +155,9 @@ class MNISTClassifier(L.LightningModule):
             (``ReduceLROnPlateau`` is stepped per epoch, after validation).
         lr_scheduler_monitor: the metric ``ReduceLROnPlateau`` watches (``val/loss``, or ``val/acc`` with
             its ``mode: max``).
+        finished_schedule: a fit resumed from a checkpoint whose schedule has ended, with more steps to go:
+            ``refuse`` it, or ``restart`` the schedule over the added steps (a warm restart). A schedule still
+            under way is re-planned to the new length either way (``optimization.extend_schedule``).
         steps_per_training_step: SGD steps per Lightning ``training_step`` call on the fast path; 1 trains
             every fit with Lightning's own loop.
         num_classes: number of classes the metrics count.
@@ -142,12 +169,17 @@ class MNISTClassifier(L.LightningModule):
     def __init__(self, net: nn.Module | None = None, optimizer: OptimizerFactory | None = None,
                  lr_scheduler: ScheduleFactory | None = CosineAnnealingLR,
                  lr_scheduler_interval: Literal["step", "epoch"] = "step", lr_scheduler_monitor: str = "val/loss",
+                 finished_schedule: Literal["refuse", "restart"] = "refuse",
                  steps_per_training_step: PositiveInt = 16, num_classes: PositiveInt = 10, compile: bool = False):
         super().__init__()
-        self.save_hyperparameters()
-        if inspect.isclass(lr_scheduler):  # from Python: a name in the checkpoint, not a pickled class
-            self.hparams.lr_scheduler = f"{lr_scheduler.__module__}.{lr_scheduler.__qualname__}"
+        # finished_schedule says how to resume, not what was trained: kept out of the checkpoint's hyperparameters,
+        # which LightningCLI puts over the flags given beside --ckpt_path, so that the flag given there applies.
+        self.save_hyperparameters(ignore="finished_schedule")
+        self.finished_schedule = finished_schedule
+        for key in ("net", "optimizer", "lr_scheduler"):  # from Python: what builds them, not pickled objects
+            self.hparams[key] = plain(self.hparams[key])
         self.optimizer_factory, self.schedule_factory = optimizer, lr_scheduler
+        self.schedule_interval = lr_scheduler_interval  # "epoch" for ReduceLROnPlateau (configure_optimizers)
         self.net = net if net is not None else MLP(num_classes=num_classes)
         self.net_forward = self.net.forward  # or its compiled version, set in setup()
         # Plain (micro) accuracy; validate_args=False skips per-update range checks that sync the device.
@@ -175,13 +207,11 @@ class MNISTClassifier(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = build_optimizer(self.optimizer_factory, self.parameters())
+        self.configured_lrs = [group["lr"] for group in optimizer.param_groups]  # a resume may bring others back
         if self.schedule_factory is None:
             return optimizer
         interval = hp.lr_scheduler_interval
-        steps = self.trainer.estimated_stepping_batches  # SGD steps over the whole run (inf when unbounded)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else math.inf
-        if self.trainer.max_steps >= 0 and math.isfinite(steps):  # max_steps may end the run first
-            epochs = min(epochs, math.ceil(steps / max(1, self.steps_per_epoch())))
+        steps, epochs = self.run_length()
         scheduler = build_schedule(self.schedule_factory, optimizer, steps, epochs, interval)
         if isinstance(scheduler, ReduceLROnPlateau):
             interval = "epoch"
@@ -191,6 +221,35 @@ class MNISTClassifier(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": scheduler}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval,
                                                          "monitor": hp.lr_scheduler_monitor}}
+
+    def run_length(self) -> tuple[float, float]:
+        """The whole run in SGD steps and in epochs (inf when unbounded)."""
+        steps = self.trainer.estimated_stepping_batches
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else math.inf
+        if self.trainer.max_steps >= 0 and math.isfinite(steps):  # max_steps may end the run first
+            epochs = min(epochs, math.ceil(steps / max(1, self.steps_per_epoch())))
+        return steps, epochs
+
+    def on_train_start(self) -> None:
+        """A resumed fit (its optimizer and schedule just restored): the lr configured for this fit, if it is
+        another than the checkpoint's, and the schedule fitted to this run's length."""
+        if self.global_step == 0:
+            return
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        configs = self.trainer.lr_scheduler_configs
+        for i, (group, configured) in enumerate(zip(optimizer.param_groups, self.configured_lrs, strict=True)):
+            planned = group.get("initial_lr", group["lr"])  # the checkpoint's run's lr (its schedule's peak)
+            if configured != planned:  # asked for on purpose: the schedule goes on from here, scaled to it
+                group["lr"] *= configured / planned
+                group["initial_lr"] = configured
+                if configs:
+                    configs[0].scheduler.base_lrs[i] = configured
+                rank_zero_info(f"mnist_lit: resumed with lr {configured:g} as configured (the checkpoint's run had "
+                               f"{planned:g}): the lr goes on from {group['lr']:.3g}, its schedule scaled to it.")
+        if configs:
+            steps, epochs = self.run_length()
+            length = steps if self.schedule_interval == "step" else epochs
+            configs[0].scheduler = extend_schedule(configs[0].scheduler, optimizer, length, self.finished_schedule)
 
     def steps_per_epoch(self) -> int:
         batches = self.trainer.num_training_batches
@@ -344,7 +403,8 @@ class MNISTClassifier(L.LightningModule):
             f"{self.optimizers().param_groups[0]['lr']:.3g}); training stopped and no checkpoint was written from "
             "it. The learning rate is most likely too high for this network and batch size: lower "
             "--model.optimizer.init_args.lr (0.1 is the tested default for SGD; try 10x lower), or resume from the "
-            "last good checkpoint (checkpoints/last.ckpt of this run) with a lower lr.")
+            "last good checkpoint with a lower one: python -m mnist_lit fit --ckpt_path <this run>/checkpoints/"
+            "last.ckpt --model.optimizer.init_args.lr 0.01.")
 
     def log_step_points(self, losses: torch.Tensor, lrs: list[float], first: int) -> None:
         """train/loss and train/lr of the SGD steps ``first``, ``first + 1``, ... (one per loss) whose number is a

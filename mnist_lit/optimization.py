@@ -104,3 +104,35 @@ def build_schedule(factory: ScheduleFactory, optimizer: Optimizer, steps: float,
     except (TypeError, ValueError) as err:
         raise OptimizationError(f"--model.lr_scheduler ({name}) cannot be built for this run: {err}. Fix its "
                                 "init_args in the config.") from None
+
+
+def extend_schedule(scheduler: LRScheduler, optimizer: Optimizer, length: float, finished: str) -> LRScheduler:
+    """A resumed fit's schedule, fitted to the run's new ``length`` (the same unit as the schedule's steps).
+
+    A cosine still under way is re-planned to the new length, continuous at the join (its next steps
+    follow the cosine of the whole new run, scaled to the lr it had reached). A schedule that already
+    ended (its lr at the floor) is refused, or with ``finished == "restart"`` replaced by a fresh one
+    from the optimizer's initial lr over the added steps (a warm restart). Other schedules whose length
+    changed are refused: they cannot be re-planned without a jump.
+    """
+    old = getattr(scheduler, "T_max", getattr(scheduler, "total_steps", None))
+    if old is None or not math.isfinite(length) or int(length) == old:
+        return scheduler
+    length, position, name = int(length), scheduler.last_epoch, type(scheduler).__name__
+    if position >= old:
+        if finished == "restart":
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"]
+            return CosineAnnealingLR(optimizer, T_max=length - position, eta_min=getattr(scheduler, "eta_min", 0.0))
+        raise OptimizationError(
+            f"The checkpoint's {name} schedule has ended (step {position} of {old}, lr "
+            f"{optimizer.param_groups[0]['lr']:.3g}), and this fit asks for {length}: continuing it would either keep "
+            "that lr or climb back to the peak without saying so. Choose: --model.finished_schedule restart (a warm "
+            f"restart: a new cosine from the optimizer's lr over the {length - position} added steps), or a new run "
+            "with its own schedule.")
+    if isinstance(scheduler, CosineAnnealingLR):
+        scheduler.T_max = length  # the chainable cosine: the next lr is the new curve's, scaled to this one
+        return scheduler
+    raise OptimizationError(f"The checkpoint's {name} schedule was planned for {old} steps and this fit has {length}: "
+                            f"{name} cannot be stretched without a jump. Resume with the run's own length "
+                            "(--trainer.max_epochs / --trainer.max_steps as before), or start a new run.")

@@ -1,13 +1,20 @@
-"""Run folders: where a run's files go, whatever the logger, and what it leaves there at the end.
+"""Runs: where a run's files go, whatever the logger, what it leaves there, and how a checkpoint carries it.
 
     python -m mnist_lit fit --config configs/default.yaml                         # logs/mnist/version_N/
     python -m mnist_lit fit --config configs/default.yaml --trainer.logger false  # the same folder, no events
+    python -m mnist_lit fit --ckpt_path logs/mnist/version_0/checkpoints/last.ckpt  # resumes with its own config
 
 Each run claims a fresh ``version_N`` atomically, so that runs started together never share one.
 The folder is the first logger's (TensorBoard or CSV: ``save_dir/name/version_N``; any other logger:
 where Lightning puts its checkpoints, ``save_dir/name/version/``), or, with no logger, a claimed
 ``logs/mnist/version_N`` used as the Trainer's ``default_root_dir``. Into it go ``config.yaml``
 (``RunConfig``), ``checkpoints/`` (Lightning) and, after ``fit``, ``metrics.json`` (``write_results``).
+
+Every checkpoint also holds the run's resolved config. Given ``--ckpt_path``, the CLI parses that config
+first and the user's arguments over it (``with_run_config``); what they change is applied only where
+``BESIDE_CHECKPOINT`` allows it on purpose, and refused otherwise (``changed_beside_checkpoint``). A resumed
+fit is a new run folder: nothing the interrupted run wrote is touched, and its config.yaml names the
+checkpoint it continues (``ckpt_path``), as does its metrics.json (``resumed_from``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -90,7 +98,13 @@ def run_folder(trainer: L.Trainer) -> Path | None:
 
 
 class RunConfig(SaveConfigCallback):
-    """``config.yaml``, the resolved config of the run, in its run folder whatever the logger."""
+    """``config.yaml``, the resolved config of the run, in its run folder whatever the logger; the same config
+    in every checkpoint (``run_config``), so that the checkpoint alone is enough to resume, test or predict."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if getattr(self, "dumped", None) is None:  # once per run: a dump costs ~0.1 s, checkpoints come often
+            self.dumped = self.parser.dump(self.config, skip_none=False)
+        checkpoint["run_config"] = self.dumped  # YAML text: weights-only safe
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs, save_to_log_dir=False)  # Lightning's choice of folder: the logger's root
@@ -131,7 +145,8 @@ def environment() -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
 
 
-def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, float], best_checkpoint: str) -> None:
+def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, float], best_checkpoint: str,
+                  resumed_from: str | None = None) -> None:
     """Rank 0: the results to every logger (TensorBoard: the HPARAMS table, model and data hyperparameters
     against them under ``hp/`` tags, so the metric curves stay untouched) and ``metrics.json`` with the
     provenance record in the run folder."""
@@ -149,6 +164,65 @@ def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, fl
     if folder is None:
         return
     record = {"metrics": results, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
-              "best_checkpoint": best_checkpoint, "seed": torch.initial_seed(), "environment": environment()}
+              "best_checkpoint": best_checkpoint, "resumed_from": resumed_from, "seed": torch.initial_seed(),
+              "environment": environment()}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+# What a user may change beside --ckpt_path, on purpose (dotted config keys; a trailing '.' covers a group):
+# how long and on what hardware to go on, where to log, how to evaluate. Anything else that differs from the
+# run's own config is refused: a checkpoint is only right with the data and network it was trained with.
+BESIDE_CHECKPOINT = {
+    "all": ("ckpt_path", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.accelerator",
+            "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.logger",
+            "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+            "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
+            "trainer.limit_predict_batches", "trainer.num_sanity_val_steps", "trainer.callbacks", "torch_threads",
+            "test_after_fit", "report.", "predictions.", "checkpoint.", "last_checkpoint.", "data.data_dir",
+            "data.download", "data.verify_checksums", "data.eval_batch_size", "data.predict_images",
+            "model.steps_per_training_step", "model.compile", "model.finished_schedule"),
+    "fit": ("model.optimizer.init_args.lr",),  # a new lr on a resume: applied, the schedule scaled to it
+    "validate": ("data.dataset",), "test": ("data.dataset",), "predict": ("data.dataset",),  # evaluate elsewhere
+}
+
+
+def ckpt_path_in(argv: list[str]) -> str | None:
+    """The value of --ckpt_path in a command line, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def with_run_config(argv: list[str], run_config: str) -> list[str]:
+    """The command line with the run's own config parsed first, right after the subcommand, so that every
+    argument the user gave (flags and --config files alike) comes over it."""
+    return [argv[0], "--config", run_config, *argv[1:]]
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def changed_beside_checkpoint(run_config: str, config: str, subcommand: str) -> list[str]:
+    """'key (value there, value here)' for every setting the user changed from the run's own config that
+    is not allowed beside a checkpoint. ``config``: the whole parsed command line, dumped."""
+    theirs, ours = flatten(yaml.safe_load(run_config)), flatten(yaml.safe_load(config)[subcommand])
+    allowed = (*BESIDE_CHECKPOINT["all"], *BESIDE_CHECKPOINT.get(subcommand, ()))
+    # Keys on one side only are another subcommand's own (test's verbose) or another class's init_args, whose
+    # class_path differs too.
+    changed = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
+    return [f"{key} ({theirs.get(key)!r} there, {ours.get(key)!r} here)" for key in changed
+            if not any(key == a or (a.endswith(".") and key.startswith(a)) or key.startswith(a + ".") for a in allowed)]
+
+
+def checkpoint_conflict_message(path: str, changed: list[str]) -> str:
+    return (f"{path} was trained with another config than the one given beside it: {'; '.join(changed)}. The "
+            "checkpoint carries its run's own config, so --ckpt_path alone is enough: drop those arguments (and "
+            "any --config that sets them). To train something else from scratch, leave out --ckpt_path. What may be "
+            "given beside a checkpoint: README, 'Resume and evaluate'.")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_lit.data import DATASETS
+from mnist_lit.idx import DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
@@ -99,6 +99,17 @@ def only_run(log_root: Path) -> Path:
     runs = sorted(log_root.glob("*/version_*"))
     assert len(runs) == 1, f"expected one run under {log_root}, found {runs}"
     return runs[0]
+
+
+def fails_with(args: list[str]) -> str:
+    """The CLI's one-paragraph error for args: main() ends with sys.exit("error: ..."), i.e. exit code 1."""
+    from mnist_lit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    return message
 
 
 def fit_args(data_root: Path, log_root: Path, *extra: str) -> list[str]:

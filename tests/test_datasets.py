@@ -11,7 +11,8 @@ import torch
 
 from conftest import REAL_FASHION, REPO, fit_args, only_run, write_mnist
 from mnist_lit.cli import main
-from mnist_lit.data import DATASETS, IDXDataset, MNISTDataError, MNISTDataModule, read_split
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.idx import DATASETS, IDXDataset, MNISTDataError, read_split
 
 FASHION = REPO / "configs" / "experiment" / "fashion.yaml"
 

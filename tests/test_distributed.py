@@ -34,11 +34,14 @@ def ddp_args(data: Path, logs: Path, *extra: str) -> list[str]:
                     "--trainer.devices", "2", *extra)
 
 
-def test_ddp_ranks_share_each_epoch_and_write_one_run(tiny_mnist: Path, tmp_path: Path):
+@pytest.mark.parametrize("seed", ["0", "false"], ids=["seeded", "unseeded"])
+def test_ddp_ranks_share_each_epoch_and_write_one_run(tiny_mnist: Path, tmp_path: Path, seed: str):
+    # Unseeded, every rank has its own torch seed: the permutation must still be rank 0's on all of them.
     shards = tmp_path / "shards"
     shards.mkdir()
     run_cli(ddp_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--data.val_size", "101",
-                     "--trainer.callbacks+=shard_recorder.ShardRecorder"), tmp_path, SHARD_RECORDER_DIR=str(shards))
+                     "--seed_everything", seed, "--trainer.callbacks+=shard_recorder.ShardRecorder"), tmp_path,
+            SHARD_RECORDER_DIR=str(shards))
     for epoch in range(2):
         rank0, rank1 = (json.loads((shards / f"rank{r}-epoch{epoch}.json").read_text()) for r in range(2))
         assert len(rank0) == len(rank1) == 249  # 499 training rows: one dropped so both ranks step equally
@@ -54,9 +57,9 @@ def test_ddp_ranks_share_each_epoch_and_write_one_run(tiny_mnist: Path, tmp_path
 
 
 def test_ddp_validation_metrics_equal_a_single_process_evaluation(tiny_mnist: Path, tmp_path: Path):
-    run_cli(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "1"), tmp_path)
-    ckpt = str(only_run(tmp_path / "fit") / "checkpoints" / "last.ckpt")
     # 101 validation rows: rank 0 counts 51, rank 1 counts 50; the synced metric must count all 101.
+    run_cli(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "1", "--data.val_size", "101"), tmp_path)
+    ckpt = str(only_run(tmp_path / "fit") / "checkpoints" / "last.ckpt")
     single = fit_args(tiny_mnist, tmp_path / "single", "--data.val_size", "101", "--ckpt_path", ckpt)
     double = ddp_args(tiny_mnist, tmp_path / "ddp", "--data.val_size", "101", "--ckpt_path", ckpt)
     for args in (single, double):
@@ -86,6 +89,24 @@ def test_two_nodes_under_torchrun_train_checkpoint_and_log_once(tiny_mnist: Path
     assert sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir()) == ["best", "last.ckpt"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 8  # 250 rows per node at batch 32
+
+
+def test_two_tasks_under_simulated_srun_write_one_run(tiny_mnist: Path, tmp_path: Path):
+    # What srun gives each of 2 tasks on one node; Lightning's SLURMEnvironment starts no processes itself.
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(TRAINER / "ddp.yaml"), "--trainer.accelerator",
+                    "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1")
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mnist", "SLURM_NODELIST": "127.0.0.1",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(TESTS)}
+    tasks = [subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r in range(2)]
+    for task in tasks:
+        _, err = task.communicate(timeout=300)
+        assert task.returncode == 0, err[-4000:]
+    run = only_run(tmp_path / "logs")  # rank 1 did not claim a version_N of its own
+    assert writer_processes(run) == 1 and (run / "metrics.json").is_file()
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tiny_mnist: Path, tmp_path: Path):

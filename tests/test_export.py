@@ -10,8 +10,8 @@ import torch
 
 from conftest import REAL_MNIST, REPO, fit_args, only_run
 from mnist_lit.cli import main
-from mnist_lit.data import read_idx
 from mnist_lit.export import run_artifact
+from mnist_lit.idx import read_idx
 
 
 def real_digits(n: int = 500) -> torch.Tensor:
@@ -23,7 +23,7 @@ def real_digits(n: int = 500) -> torch.Tensor:
 
 def checkpoint_probabilities(checkpoint: Path, data: Path, logs: Path, *extra: str) -> torch.Tensor:
     """What `python -m mnist_lit predict` makes of t10k with this checkpoint (the CSV keeps 6 decimals)."""
-    main(["predict", "--config", str(REPO / "configs" / "default.yaml"), "--ckpt_path", str(checkpoint),
+    main(["predict", "--ckpt_path", str(checkpoint),  # the checkpoint carries its run's config
           "--data.data_dir", str(data), "--data.eval_batch_size", "500", "--trainer.logger.init_args.save_dir",
           str(logs), "--trainer.enable_progress_bar", "false", *extra])
     with (only_run(logs) / "predictions.csv").open() as f:

@@ -45,11 +45,14 @@ def test_walkthrough_trains_a_cnn_and_its_checkpoint_tests_in_a_new_process(tiny
     assert ckpt["hyper_parameters"]["net"]["class_path"] == "mnist_lit.model.SmallCNN"
     assert any(k.startswith("net.layers.1.weight") and v.dim() == 4 for k, v in ckpt["state_dict"].items())
 
-    test_args = fit_args(tiny_mnist, tmp_path / "test", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
-    test_args[0] = "test"  # with default.yaml only: the CNN comes back from the checkpoint
+    last = str(run / "checkpoints" / "last.ckpt")  # the checkpoint alone: the CNN comes back from it
+    test_args = ["test", "--ckpt_path", last, "--trainer.logger.init_args.save_dir", str(tmp_path / "test")]
     done = subprocess.run([sys.executable, "-m", "mnist_lit", *test_args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert scalar(read_events(only_run(tmp_path / "test")), "test/acc")[0] > 0.9
+    beside = [*test_args, "--config", str(REPO / "configs" / "default.yaml")]  # names the MLP: refused, by name
+    done = subprocess.run([sys.executable, "-m", "mnist_lit", *beside], capture_output=True, text=True)
+    assert done.returncode == 1 and "model.net.class_path ('mnist_lit.model.SmallCNN' there" in done.stderr
 
 
 def test_same_config_and_seed_repeat_bit_for_bit(tiny_mnist: Path, tmp_path: Path):

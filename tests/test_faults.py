@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fit_args, only_run, write_mnist
+from conftest import fails_with, fit_args, only_run, read_events, scalar, write_mnist
 from mnist_lit.checkpoints import CheckpointError, load_checkpoint
 from mnist_lit.cli import main
 
@@ -20,15 +20,6 @@ from mnist_lit.cli import main
 def trained_checkpoint(data: Path, tmp_path: Path, *extra: str) -> Path:
     main(fit_args(data, tmp_path / "trained", "--trainer.max_epochs", "1", *extra))
     return only_run(tmp_path / "trained") / "checkpoints" / "last.ckpt"
-
-
-def fails_with(args: list[str]) -> str:
-    """The CLI's one-paragraph error for args: main() ends with sys.exit("error: ..."), i.e. exit code 1."""
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
-    return message
 
 
 class WritesAFile:
@@ -226,3 +217,28 @@ def test_runs_started_together_in_one_folder_get_their_own_run_folders(tiny_mnis
         assert (folder / "config.yaml").is_file() and (folder / "metrics.json").is_file()
         assert (folder / "checkpoints" / "last.ckpt").is_file()
         assert len({p.name.split(".")[-2] for p in folder.glob("events.out.tfevents.*")}) == 1
+
+
+def test_a_checkpoint_of_a_model_built_in_python_loads_weights_only(tiny_mnist: Path, tmp_path: Path):
+    from functools import partial
+
+    import lightning as L
+
+    from mnist_lit.data import MNISTDataModule
+    from mnist_lit.model import MLP, MNISTClassifier
+
+    model = MNISTClassifier(net=MLP(hidden1=32, hidden2=16), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(model, MNISTDataModule(data_dir=str(tiny_mnist), verify_checksums=False, val_size=100, batch_size=32))
+    path = tmp_path / "python.ckpt"
+    trainer.save_checkpoint(path)
+    hparams = load_checkpoint(str(path))["hyper_parameters"]  # weights only: nothing pickled in it
+    assert hparams["net"] == {"class_path": "mnist_lit.model.MLP"}
+    assert hparams["optimizer"] == {"class_path": "torch.optim.sgd.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}}
+    assert trainer.callback_metrics["val/acc"] > 0.8  # trained: what the test below must find again
+    args = fit_args(tiny_mnist, tmp_path / "test", "--ckpt_path", str(path), "--model.net.init_args.hidden1", "32",
+                    "--model.net.init_args.hidden2", "16")
+    args[0] = "test"
+    main(args)
+    assert scalar(read_events(only_run(tmp_path / "test")), "test/acc")[0] > 0.8  # the trained weights, restored

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_lit.data import read_split
+from mnist_lit.idx import read_split
 from mnist_lit.model import MLP, MNISTClassifier
 
 

@@ -35,3 +35,16 @@ def test_checkpoint_intervals_are_read_from_model_checkpoint():
     trainer = L.Trainer(logger=False, callbacks=[ModelCheckpoint(every_n_train_steps=40), ModelCheckpoint()])
     assert checkpoint_intervals(trainer) == [40], (
         "ModelCheckpoint._every_n_train_steps moved: update mnist_lit.model.checkpoint_intervals")
+
+
+def test_the_cli_merges_checkpoint_hyperparameters_in_a_hook_mnist_lit_overrides():
+    # MNISTCLI._parse_ckpt_path skips Lightning's merge of a checkpoint's model hyperparameters over the flags when
+    # the checkpoint carries its run's config. Public replacement: Lightning#21455 (flags over checkpoint hparams).
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    source = inspect.getsource(LightningCLI.__init__)
+    assert "self._parse_ckpt_path()" in source and source.index("self.parse_arguments(") < source.index(
+        "self._parse_ckpt_path()"), "LightningCLI no longer calls _parse_ckpt_path after parse_arguments: update " \
+        "MNISTCLI._parse_ckpt_path, or flags beside --ckpt_path may again be overridden by the checkpoint"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, fit_args, only_run, read_events, scalar
+from conftest import REPO, fails_with, fit_args, only_run, read_events, scalar
 from mnist_lit.cli import main
 from mnist_lit.optimization import WarmupCosine
 
@@ -100,14 +100,6 @@ def test_plateau_lowers_the_lr_when_val_acc_stops_improving(tiny_mnist: Path, tm
         expected.append(expected[-1] * (0.5 if acc <= best * (1 + 1e-4) else 1))
         best = max(best, acc)
     assert per_epoch == pytest.approx(expected) and per_epoch[-1] < 0.1  # tiny_mnist's val/acc reaches 1.0 and stays
-
-
-def fails_with(args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
 
 
 def test_an_optimizer_that_cannot_be_built_is_named(tiny_mnist: Path, tmp_path: Path):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import REAL_MNIST, REPO, fit_args, only_run
+from conftest import REAL_MNIST, fit_args, only_run
 from mnist_lit.cli import main
-from mnist_lit.data import read_idx
-from mnist_lit.predict import find_images, load_images, to_mnist
+from mnist_lit.idx import read_idx
+from mnist_lit.images import find_images, load_images, to_mnist
 
 
 def seven(size: tuple[int, int] = (300, 400), offset: tuple[int, int] = (40, 60), ink: int = 0, paper: int = 255):
@@ -93,7 +93,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def predict_args(checkpoint: Path, logs: Path, *extra: str) -> list[str]:
-    return ["predict", "--config", str(REPO / "configs" / "default.yaml"), "--ckpt_path", str(checkpoint),
+    return ["predict", "--ckpt_path", str(checkpoint),  # the checkpoint carries its run's config
             "--trainer.logger.init_args.save_dir", str(logs), "--trainer.enable_progress_bar", "false",
             "--data.data_dir", str(logs / "no-data-needed"), "--data.download", "false", *extra]
 

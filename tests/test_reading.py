@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import idx_bytes, learnable_digits, write_idx, write_mnist
-from mnist_lit.data import DATASETS, MNISTDataError, MNISTDataModule, read_idx, read_split
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.idx import DATASETS, MNISTDataError, read_idx, read_split
 
 
 @pytest.mark.parametrize("gz", [True, False])

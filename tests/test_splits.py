@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_lit.data import InMemoryBatches, MNISTDataError, MNISTDataModule, ShardedShuffle
+from mnist_lit.batches import InMemoryBatches, ShardedShuffle
+from mnist_lit.data import MNISTDataModule
+from mnist_lit.idx import MNISTDataError
 
 
 def row_keys(images: torch.Tensor) -> set[bytes]:
