@@ -12,12 +12,13 @@ from mnist_lit.cli import main
 from mnist_lit.optimization import WarmupCosine
 
 EXPERIMENTS = REPO / "configs" / "experiment"
-STEPS = 64  # tiny_mnist at batch 32: 16 SGD steps an epoch, 4 epochs
+EPOCH = 63  # tiny_mnist at batch 8: 63 SGD steps an epoch (the last batch of 4 rows)
+STEPS = 4 * EPOCH  # 4 epochs
 
 
 def fit(data: Path, logs: Path, *extra: str, steps_per_call: str = "16"):
     cli = main(fit_args(data, logs, "--trainer.max_epochs", "4", "--torch_threads", "1", "--test_after_fit", "false",
-                        "--model.steps_per_training_step", steps_per_call, *extra))
+                        "--data.batch_size", "8", "--model.steps_per_training_step", steps_per_call, *extra))
     return cli, only_run(logs)
 
 
@@ -51,7 +52,7 @@ def sgd(params):
 def test_experiment_configs_train_and_follow_their_schedule(tiny_mnist: Path, tmp_path: Path, config: str, expected):
     cli, run = fit(tiny_mnist, tmp_path / "logs", "--config", str(EXPERIMENTS / config))
     assert type(cli.model.optimizers().optimizer).__name__ == ("AdamW" if config == "adamw.yaml" else "SGD")
-    assert lr_curve(run) == pytest.approx(expected(), rel=1e-6)  # the length came from the Trainer: 64 steps
+    assert lr_curve(run) == pytest.approx(expected(), rel=1e-6)  # the length came from the Trainer: 252 steps
     assert scalar(read_events(run), "val/acc")[-1] > 0.9
 
 
@@ -65,8 +66,20 @@ def test_warmup_then_cosine_takes_the_runs_length_under_max_steps(tiny_mnist: Pa
 
 def test_a_per_epoch_schedule_counts_epochs(tiny_mnist: Path, tmp_path: Path):
     _, run = fit(tiny_mnist, tmp_path / "logs", "--model.lr_scheduler_interval", "epoch")
-    expected = expected_lrs(sgd, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 4), STEPS, per_epoch=16)
+    expected = expected_lrs(sgd, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 4), STEPS, per_epoch=EPOCH)
     assert lr_curve(run) == pytest.approx(expected, rel=1e-6)  # T_max = 4 epochs, constant within each
+
+
+@pytest.mark.parametrize("flags, steps", [
+    (["--trainer.accumulate_grad_batches", "2"], 4 * 32),  # 63 batches an epoch: 32 SGD steps (the last on one)
+    (["--trainer.limit_train_batches", "10"], 4 * 10),
+    (["--trainer.max_steps", "100"], 100),
+], ids=["accumulation", "limit_train_batches", "max_steps"])
+def test_the_schedule_length_counts_sgd_steps(tiny_mnist: Path, tmp_path: Path, flags: list[str], steps: int):
+    cli, run = fit(tiny_mnist, tmp_path / "logs", "--config", str(EXPERIMENTS / "onecycle.yaml"), *flags)
+    assert cli.trainer.global_step == steps and cli.model.lr_schedulers().total_steps == steps
+    lrs = lr_curve(run)  # one-cycle ends exactly at the run's last step: its smallest lr there
+    assert len(lrs) == steps and lrs[-1] == min(lrs) < 1e-5
 
 
 def net_weights(run: Path) -> list[torch.Tensor]:
@@ -94,7 +107,7 @@ def test_plateau_lowers_the_lr_when_val_acc_stops_improving(tiny_mnist: Path, tm
                  "--model.lr_scheduler.patience", "0", "--model.lr_scheduler_monitor", "val/acc")
     events = read_events(run)
     val_acc, lrs = scalar(events, "val/acc"), lr_curve(run)
-    per_epoch = [lrs[16 * e] for e in range(4)]  # the lr of each epoch's first step
+    per_epoch = [lrs[EPOCH * e] for e in range(4)]  # the lr of each epoch's first step
     expected, best = [0.1], -1.0
     for acc in val_acc[:-1]:  # torch's rule with patience 0: halve after any epoch that did not improve
         expected.append(expected[-1] * (0.5 if acc <= best * (1 + 1e-4) else 1))
