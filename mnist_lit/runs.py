@@ -118,7 +118,10 @@ class RunConfig(SaveConfigCallback):
         if folder is None:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        if (folder / self.config_filename).exists() and not self.overwrite:
+        path = folder / self.config_filename
+        if path.exists() and path.read_text() == self.parser.dump(self.config, skip_none=False):
+            return  # this run's own, written before: fit's test pass under ddp_spawn sets the callback up again
+        if path.exists() and not self.overwrite:
             raise LogFolderError(f"{folder} already holds the {self.config_filename} of another run, and a run never "
                                  "overwrites another's files: leave the logger's version unset (each run then gets a "
                                  "new version_N) or choose another --trainer.default_root_dir.")

@@ -109,6 +109,16 @@ def test_two_tasks_under_simulated_srun_write_one_run(tiny_mnist: Path, tmp_path
     assert writer_processes(run) == 1 and (run / "metrics.json").is_file()
 
 
+def test_ddp_spawn_writes_one_run(tiny_mnist: Path, tmp_path: Path):
+    # The launcher spawns the ranks from the process that claimed the folder: they inherit its version.
+    run_cli(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.strategy", "ddp_spawn", "--trainer.accelerator", "cpu",
+                     "--trainer.devices", "2", "--trainer.max_epochs", "1"), tmp_path)
+    run = only_run(tmp_path / "logs")  # fit, its test pass and the results are three processes in turn, one folder
+    assert (run / "metrics.json").is_file() and (run / "config.yaml").is_file()
+    events = read_events(run)  # rank 0 alone logged: one point each, no second rank's copy
+    assert len(scalar(events, "val/acc")) == 1 and len(scalar(events, "test/acc")) == 1
+
+
 def test_bf16_mixed_precision_trains_on_cpu(tiny_mnist: Path, tmp_path: Path):
     run_cli(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.precision", "bf16-mixed",
                      "--trainer.max_epochs", "2"), tmp_path)
