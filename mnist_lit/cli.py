@@ -13,6 +13,7 @@ Every option is an ``__init__`` argument of ``MNISTClassifier`` (``--model.*``),
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -183,3 +184,8 @@ def main(args: list[str] | None = None) -> MNISTCLI:
             # Lightning keeps the process group for a next fit; a finished run ends it, so that no rank's exit
             # waits on a peer that already left (a multi-node run that printed its results, then hung).
             torch.distributed.destroy_process_group()
+            # Whatever else may wait at exit (a store, a thread): past this many seconds the process stops with
+            # code 1 and the stack of every thread on stderr, the reason, instead of holding the job's nodes.
+            # Only as the program (python -m mnist_lit): a caller of main(args) goes on in this process.
+            if args is None:
+                faulthandler.dump_traceback_later(float(os.environ.get("MNIST_LIT_EXIT_TIMEOUT", "120")), exit=True)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,17 @@ def test_ddp_spawn_writes_one_run(tiny_mnist: Path, tmp_path: Path):
     assert (run / "metrics.json").is_file() and (run / "config.yaml").is_file()
     events = read_events(run)  # rank 0 alone logged: one point each, no second rank's copy
     assert len(scalar(events, "val/acc")) == 1 and len(scalar(events, "test/acc")) == 1
+
+
+def test_a_distributed_run_that_hangs_at_exit_fails_fast_with_its_stack(tiny_mnist: Path, tmp_path: Path):
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+                    "--trainer.devices", "1", "--trainer.max_epochs", "1", "--trainer.callbacks+=exit_hang.HangAtExit")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(TESTS), "MNIST_LIT_EXIT_TIMEOUT": "5"})
+    assert done.returncode == 1 and time.monotonic() - started < 100  # not the hour the hang would take
+    assert "Timeout (0:00:05)!" in done.stderr and "time.sleep" not in done.stdout  # the stack, on stderr
+    assert (only_run(tmp_path / "logs") / "metrics.json").is_file()  # the results were written before
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tiny_mnist: Path, tmp_path: Path):
