@@ -1,6 +1,6 @@
 """Training speed side by side: mnist_lit's fast path and its Lightning loop vs a plain PyTorch loop.
 
-    python scripts/benchmark.py                  # CPU: ~25 min on 2 cores; rewrites docs/benchmarks.md + .png
+    python scripts/benchmark.py                  # CPU: ~20 min on 2 cores; rewrites docs/benchmarks.md + .png
     python scripts/benchmark.py --repeats 1 --no-docs --no-extras --textbook
 
 Every variant is its own process (start-up counts), on the same data, model (784-512-256-10),
