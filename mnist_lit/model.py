@@ -151,8 +151,8 @@ class MNISTClassifier(L.LightningModule):
         lr_scheduler: an lr schedule class with its init_args, given the optimizer; its length (``T_max``,
             ``total_steps``) comes from the Trainer. The default: cosine from the optimizer's lr to 0 over the
             run. None keeps the lr constant.
-        lr_scheduler_interval: step the schedule after every SGD ``step`` or every ``epoch``
-            (``ReduceLROnPlateau`` is stepped per epoch, after validation).
+        lr_scheduler_interval: step the schedule after every SGD ``step`` or every ``epoch``; None: per step,
+            and per epoch for ``ReduceLROnPlateau`` (after validation), which refuses ``step``.
         lr_scheduler_monitor: the metric ``ReduceLROnPlateau`` watches (``val/loss``, or ``val/acc`` with
             its ``mode: max``).
         finished_schedule: a fit resumed from a checkpoint whose schedule has ended, with more steps to go:
@@ -168,7 +168,7 @@ class MNISTClassifier(L.LightningModule):
 
     def __init__(self, net: nn.Module | None = None, optimizer: OptimizerFactory | None = None,
                  lr_scheduler: ScheduleFactory | None = CosineAnnealingLR,
-                 lr_scheduler_interval: Literal["step", "epoch"] = "step", lr_scheduler_monitor: str = "val/loss",
+                 lr_scheduler_interval: Literal["step", "epoch"] | None = None, lr_scheduler_monitor: str = "val/loss",
                  finished_schedule: Literal["refuse", "restart"] = "refuse",
                  steps_per_training_step: PositiveInt = 16, num_classes: PositiveInt = 10, compile: bool = False):
         super().__init__()
@@ -179,7 +179,7 @@ class MNISTClassifier(L.LightningModule):
         for key in ("net", "optimizer", "lr_scheduler"):  # from Python: what builds them, not pickled objects
             self.hparams[key] = plain(self.hparams[key])
         self.optimizer_factory, self.schedule_factory = optimizer, lr_scheduler
-        self.schedule_interval = lr_scheduler_interval  # "epoch" for ReduceLROnPlateau (configure_optimizers)
+        self.schedule_interval = lr_scheduler_interval or "step"  # "epoch" for ReduceLROnPlateau (configure_optimizers)
         self.net = net if net is not None else MLP(num_classes=num_classes)
         self.net_forward = self.net.forward  # or its compiled version, set in setup()
         # Plain (micro) accuracy; validate_args=False skips per-update range checks that sync the device.
@@ -210,10 +210,14 @@ class MNISTClassifier(L.LightningModule):
         self.configured_lrs = [group["lr"] for group in optimizer.param_groups]  # a resume may bring others back
         if self.schedule_factory is None:
             return optimizer
-        interval = hp.lr_scheduler_interval
+        interval = hp.lr_scheduler_interval or "step"
         steps, epochs = self.run_length()
         scheduler = build_schedule(self.schedule_factory, optimizer, steps, epochs, interval)
         if isinstance(scheduler, ReduceLROnPlateau):
+            if hp.lr_scheduler_interval == "step":
+                raise OptimizationError("--model.lr_scheduler ReduceLROnPlateau needs a validation result for each "
+                                        "step, and validation runs per epoch: set --model.lr_scheduler_interval epoch "
+                                        "(or leave it null).")
             interval = "epoch"
             self.check_plateau(scheduler)
         self.schedule_interval = interval  # the fast path steps the schedule itself (sgd_steps, on_train_epoch_end)

@@ -126,6 +126,12 @@ def test_a_schedule_without_a_run_length_is_refused(tiny_mnist: Path, tmp_path: 
     assert "--trainer.max_epochs" in message
 
 
+def test_a_plateau_stepped_per_step_is_refused(tiny_mnist: Path, tmp_path: Path):
+    message = fails_with(fit_args(tiny_mnist, tmp_path / "logs", "--model.lr_scheduler_interval", "step",
+                                  "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"))
+    assert "set --model.lr_scheduler_interval epoch" in message
+
+
 def test_a_plateau_watching_accuracy_in_min_mode_is_refused(tiny_mnist: Path, tmp_path: Path):
     message = fails_with(fit_args(tiny_mnist, tmp_path / "logs", "--model.lr_scheduler_monitor", "val/acc",
                                   "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"))
