@@ -1,0 +1,166 @@
+"""Search hyperparameters with Optuna, or run a grid x seeds, each trial an ordinary ``fit`` run.
+
+    python -m mnist_lit.search --name mlp --space configs/search/mlp.yaml --trials 30 --workers 2
+    python -m mnist_lit.search --name lr --grid model.optimizer.init_args.lr=0.05,0.1,0.2 --seeds 0 1 2
+    python -m mnist_lit.search --name mlp-best --config logs/search/mlp/best.yaml --seeds 0 1 2
+
+Everything lands in logs/search/<name>/: the study (study.db, SQLite), one run folder per trial (TensorBoard
+events, config.yaml, checkpoints, metrics.json) beside its console log, and the results: for a search
+top.md, trials.csv, best.yaml (``fit --config best.yaml`` runs it), history.png and importances.png; for a
+grid results.md (mean ± std per configuration over the seeds) and results.csv. ``tensorboard --logdir
+logs/search/<name>`` compares every trial in the HPARAMS tab.
+
+A search maximizes val/acc_best and never tests; trials report val/acc after every epoch and the study's
+pruner stops losing ones. The third command above is how the test set is used, once: the best configuration
+retrained over seeds. Running the same command again continues the study (a finished run is skipped, an
+interrupted one resumes from its last.ckpt). Several machines: give every one the same command with
+``--storage`` a database URL they all reach. Arguments after ``--`` go to every trial's fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+if importlib.util.find_spec("optuna") is None:
+    sys.exit("error: python -m mnist_lit.search needs Optuna: pip install -e '.[search]' (scripts/setup.sh installs "
+             "it with the dev tools).")
+
+from mnist_lit.search_report import write_grid_results, write_search_results  # noqa: E402
+from mnist_lit.search_space import SearchSpace, SearchSpaceError  # noqa: E402
+from mnist_lit.storage import quiet_optuna  # noqa: E402
+from mnist_lit.study import Plan, StudyMismatch, Worker, enqueue_grid, open_study, reap_dead_workers  # noqa: E402
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise SearchSpaceError(f"--grid {item!r} is not KEY=V1,V2,...; e.g. --grid "
+                                   "model.optimizer.init_args.lr=0.05,0.1")
+        grid[key.removeprefix("--")] = values.split(",")
+    return grid
+
+
+def check_fit_arguments(plan: Plan, sample: dict) -> None:
+    """The fit command parses the base configs, one point of the space and the arguments after --, before
+    any trial starts: a misspelt key is one message here, not a failed trial per worker."""
+    command = [sys.executable, "-m", "mnist_lit", "fit", *plan.base_arguments(sample), "--print_config"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        error = done.stderr.strip().split("error: ", 1)[-1]
+        keys = ", ".join(sample) or "(none)"
+        raise SearchSpaceError(f"the fit command refuses this search's arguments (keys searched: {keys}; after "
+                               f"--: {' '.join(plan.passthrough) or '(none)'}): {' '.join(error.split())}. "
+                               "Keys are the fit command's dotted names: python -m mnist_lit fit --config "
+                               f"{DEFAULT_CONFIG} --print_config lists them.")
+
+
+def arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m mnist_lit.search", description=__doc__.split("\n\n")[0],
+                                     epilog="See the README, 'Search'.")
+    parser.add_argument("--name", required=True, help="the study, and its folder under --root")
+    parser.add_argument("--config", action="append", help=f"fit config files, in order (default: {DEFAULT_CONFIG})")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--space", help="a search: the search space YAML (configs/search/mlp.yaml)")
+    what.add_argument("--grid", action="append", help="a grid: KEY=V1,V2,... (repeat for a product)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a grid: each configuration with these")
+    parser.add_argument("--trials", type=int, default=30, help="a search: COMPLETE + PRUNED trials to reach")
+    parser.add_argument("--workers", type=int, default=1, help="trials at a time on this machine (one thread each)")
+    parser.add_argument("--no-pruning", action="store_true", help="a search: every trial runs all its epochs")
+    parser.add_argument("--storage", help="an SQLAlchemy URL or a journal file (default: sqlite in the folder)")
+    parser.add_argument("--heartbeat", type=int, default=60, help="seconds; a database marks a trial failed "
+                        "after 3 heartbeats missed (a dead machine)")
+    parser.add_argument("--root", default="logs/search")
+    options = parser.parse_args(argv)
+    for flag in ("trials", "workers", "heartbeat"):
+        if getattr(options, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    return options, passthrough
+
+
+def plan_of(options: argparse.Namespace, passthrough: list[str]) -> Plan:
+    folder = Path(options.root, options.name).resolve()
+    configs = [str(Path(c).resolve()) for c in options.config or [DEFAULT_CONFIG]]
+    missing = [c for c in configs if not Path(c).is_file()]
+    if missing:
+        raise SearchSpaceError(f"--config {missing[0]} does not exist. Give the fit config(s) to start from with "
+                               f"--config (without one: {DEFAULT_CONFIG}, relative to the current folder).")
+    storage = options.storage or f"sqlite:///{folder / 'study.db'}"
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    plan = Plan(options.name, folder, storage, configs, passthrough, heartbeat=options.heartbeat)
+    if options.space:
+        space = SearchSpace.load(options.space)
+        plan.space = SearchSpace(space.dimensions, space.sampler, None) if options.no_pruning else space
+        plan.trials = options.trials
+    else:
+        plan.grid, plan.seeds = parse_grid(options.grid or []), options.seeds
+    varied = [d.key for d in plan.space.dimensions] if plan.space else [*plan.grid, "seed_everything"]
+    given = [key for key in varied if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in passthrough)]
+    if given:
+        varies = "search" if plan.space else "grid"
+        raise SearchSpaceError(f"--{given[0]} is given after -- and is also what the {varies} varies; each trial "
+                               "sets it. Drop it from the arguments after --.")
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, passthrough = arguments(sys.argv[1:] if argv is None else argv)
+    quiet_optuna()
+    try:
+        plan = plan_of(options, passthrough)
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        check_fit_arguments(plan, plan.space.first() if plan.space else plan.grid_runs()[0][1])
+        study = open_study(plan)
+    except (SearchSpaceError, StudyMismatch) as err:
+        sys.exit("error: " + " ".join(str(err).split()))
+    if plan.grid is not None:
+        reap_dead_workers(study, study.get_trials(deepcopy=False))
+        queued = enqueue_grid(study, plan)
+        total = len(plan.grid_runs())
+        print(f"{total} runs: {total - queued} already finished or running, {queued} to run", flush=True)
+    stop, ask_lock = threading.Event(), threading.Lock()
+    workers = [Worker(plan, i, ask_lock, stop) for i in range(options.workers)]
+    interrupted = []
+
+    def interrupt(signum, _frame):
+        # Ctrl-C reaches every trial too (one process group): each writes its last.ckpt and ends. A SIGTERM sent
+        # to this process alone is passed on. The workers start no new trial.
+        interrupted.append(signum)
+        stop.set()
+        for worker in workers if signum == signal.SIGTERM else ():
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.terminate()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, interrupt)
+    started = time.perf_counter()
+    print(f"Study '{plan.name}' in {plan.storage}, {options.workers} worker(s); folder {plan.folder}", flush=True)
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        while worker.is_alive():
+            worker.join(0.5)
+    wall = time.perf_counter() - started
+    study = open_study(plan)
+    ok = write_grid_results(study, plan) if plan.grid is not None else write_search_results(study, plan, wall)
+    if interrupted:
+        print("Interrupted: run the same command again to resume.", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

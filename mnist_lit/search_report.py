@@ -1,0 +1,151 @@
+"""What a search or a grid leaves in its folder, read from the study's storage (so a worker on any machine
+writes the same tables): a grid's results.md / results.csv, a search's top.md, trials.csv, best.yaml and
+its plots."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_lit.study import DONE, Plan, runs_of
+
+METRICS = ("test/acc", "val/acc_best", "test/loss")  # a grid's summary per configuration, with the wall time
+TOP = 10
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def latest(trials: list[FrozenTrial]) -> FrozenTrial:
+    done = [t for t in trials if t.state in DONE]
+    return (done or sorted(trials, key=lambda t: t.number))[-1]
+
+
+def write_grid_results(study: optuna.Study, plan: Plan) -> bool:
+    """results.csv (a row per run) and results.md (mean ± std per configuration); True when every run is done."""
+    runs = runs_of(study.get_trials(deepcopy=False))
+    records = []
+    for run, params in plan.grid_runs():
+        row = {"configuration": run.split("/")[0], **{k: params[k] for k in plan.grid},
+               "seed": params["seed_everything"]}
+        trial = latest(runs[run]) if run in runs else None
+        if trial is None or trial.state not in DONE:
+            state = "failed" if trial is not None and trial.state == TrialState.FAIL else "not run"
+            records.append(row | {"status": state if trial is None or trial.state != TrialState.RUNNING
+                                  else "running", "run_folder": str(plan.folder / run)})
+            continue
+        metrics = trial.user_attrs["metrics"]
+        records.append(row | {"status": "ok", **{m: metrics.get(m) for m in METRICS},
+                              "wall_s": trial.user_attrs.get("wall_s"), "run_folder": str(plan.folder / run)})
+    write_csv(plan.folder / "results.csv", records)
+    table = summarize(records, list(plan.grid))
+    (plan.folder / "results.md").write_text(table)
+    print(f"\n{table}\nAll runs: {plan.folder / 'results.csv'}")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} runs did not finish; their console logs are seed<S>.log beside their folders. Run the "
+              "same command again to retry them.", file=sys.stderr)
+    return not failed
+
+
+def summarize(records: list[dict], keys: list[str]) -> str:
+    """Markdown: one row per configuration, mean ± std (sample std over seeds) of each metric."""
+    header = ["configuration", *keys, "seeds", *METRICS, "wall_s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record["configuration"], []).append(record)
+    for name, group in groups.items():
+        done = [r for r in group if r["status"] == "ok"]
+        cells = [name, *(str(group[0].get(k, "")) for k in keys), f"{len(done)}/{len(group)}"]
+        for metric in (*METRICS, "wall_s"):
+            values = [r[metric] for r in done if r.get(metric) is not None]
+            if not values:
+                cells.append("–")
+                continue
+            digits = 1 if metric == "wall_s" else 4
+            spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.{digits}f}{spread}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_search_results(study: optuna.Study, plan: Plan, wall: float) -> bool:
+    """trials.csv, top.md, best.yaml and the plots; True when the study has its trials."""
+    trials = study.get_trials(deepcopy=False)
+    keys = [d.key for d in plan.space.dimensions]
+    rows = [{"trial": t.number, "state": t.state.name, "val/acc_best": t.value, **t.params,
+             "epochs": t.user_attrs.get("epochs"), "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
+             "wall_s": t.user_attrs.get("wall_s"), "run_folder": t.user_attrs.get("run_folder"),
+             "note": t.user_attrs.get("error") or t.user_attrs.get("skipped") or ""} for t in trials]
+    write_csv(plan.folder / "trials.csv", rows)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    header = ["trial", "val/acc_best", *(k.rsplit(".", 1)[-1] for k in keys), "epochs", "wall_s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in ranked[:TOP]:
+        cells = [t.number, f"{t.value:.4f}", *(cell(t.params[k]) for k in keys), t.user_attrs.get("epochs"),
+                 t.user_attrs.get("wall_s")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    summary = (f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
+               f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running; this command's wall time "
+               f"{wall:.0f} s; trials' total {sum(t.user_attrs.get('wall_s', 0) for t in trials):.0f} s.")
+    top = f"Top {TOP} of study '{plan.name}' by val/acc_best (the test set is not looked at):\n\n" + \
+        "\n".join(lines) + f"\n\n{summary}\n"
+    (plan.folder / "top.md").write_text(top)
+    print(f"\n{top}All trials: {plan.folder / 'trials.csv'}")
+    if ranked:
+        write_best_config(plan, ranked[0])
+        write_plots(study, plan.folder)
+    return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= plan.trials
+
+
+def cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_best_config(plan: Plan, best: FrozenTrial) -> None:
+    """best.yaml: the base configs, the arguments after -- and the best trial's values, resolved by the fit
+    command itself, so that ``fit --config best.yaml`` runs as is."""
+    command = [sys.executable, "-m", "mnist_lit", "fit", *plan.base_arguments(best.params), "--print_config"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode == 0:
+        header = f"# Trial {best.number} of study '{plan.name}', val/acc_best {best.value:.4f}. Retrain over seeds:\n" \
+                 f"#   python -m mnist_lit.search --name {plan.name}-best --config {plan.folder / 'best.yaml'} " \
+                 "--seeds 0 1 2\n"
+        (plan.folder / "best.yaml").write_text(header + done.stdout)
+        print(f"Best configuration: {plan.folder / 'best.yaml'} (trial {best.number})")
+    else:
+        print(f"best.yaml could not be written: {done.stderr.strip()[-500:]}", file=sys.stderr)
+
+
+def write_plots(study: optuna.Study, folder: Path) -> None:
+    """Optuna's own figures: the optimization history, and the parameter importances (fANOVA)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
+        for name, plot in (("history.png", plot_optimization_history), ("importances.png", plot_param_importances)):
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as err:  # importances need two complete trials that differ
+                print(f"{name} not drawn: {err}", file=sys.stderr)
+                continue
+            axes.figure.savefig(folder / name, dpi=100, bbox_inches="tight")
+            plt.close(axes.figure)

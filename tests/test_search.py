@@ -1,0 +1,308 @@
+"""python -m mnist_lit.search: Optuna studies whose trials are ordinary fit runs; grids x seeds in the same
+engine. Real fits on tiny IDX data, a few epochs each, in separate processes as a user runs them."""
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import REPO, free_port, read_events, write_mnist
+
+SEARCH = [sys.executable, "-m", "mnist_lit.search"]
+FIT = ["--data.verify_checksums", "false", "--data.val_size", "100",
+       "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]
+SPACE = {"space": {"model.optimizer.init_args.lr": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
+                   "model.net.init_args.hidden1": {"type": "int", "low": 16, "high": 64},
+                   "data.batch_size": {"type": "categorical", "choices": [32, 64]}},
+         "pruner": None}
+
+
+def search(root: Path, name: str, *args: str, data: Path, epochs: int = 2, timeout: int = 600,
+           popen: bool = False, fit: list[str] = FIT):
+    command = [*SEARCH, "--name", name, "--root", str(root), "--config", str(REPO / "configs" / "default.yaml"),
+               *args, "--", "--data.data_dir", str(data), *fit, "--trainer.max_epochs", str(epochs)]
+    if popen:  # its own process group: a signal to the group reaches the search and its trials, as Ctrl-C does
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def space_file(folder: Path, **changes) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, **changes}))
+    return path
+
+
+def trials_of(root: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{root / name / 'study.db'}").get_trials()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One search of 4 trials, two commands of one worker each on one SQLite study, started together: as two
+    machines would share a database."""
+    root = tmp_path_factory.mktemp("search")
+    data = write_mnist(root / "data")
+    space = space_file(root)
+    first, second = (search(root, "s", "--space", str(space), "--trials", "4", data=data, popen=True)
+                     for _ in range(2))
+    outputs = [process.communicate(timeout=600) for process in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    return root
+
+
+def test_two_workers_on_one_study_complete_exactly_the_trials_asked_once_each(finished_search: Path):
+    trials = trials_of(finished_search, "s")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4, [(t.number, t.state, t.user_attrs) for t in trials]
+    folders = [t.user_attrs["run_folder"] for t in complete]
+    assert len(set(folders)) == 4 and len({json.dumps(t.params, sort_keys=True) for t in complete}) == 4
+    assert {t.user_attrs["worker"]["pid"] for t in complete}.__len__() == 2  # both commands ran trials
+    for trial in complete:  # each an ordinary fit run: its folder, its events, its results
+        run = finished_search / "s" / trial.user_attrs["run_folder"]
+        metrics = json.loads((run / "metrics.json").read_text())["metrics"]
+        assert trial.value == metrics["val/acc_best"] and "test/acc" not in metrics  # the test set is not looked at
+        assert sorted(trial.intermediate_values) == [0, 1]  # val/acc reported after each epoch
+        assert max(trial.intermediate_values.values()) == pytest.approx(trial.value)
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        events = read_events(run)  # the HPARAMS tab, every trial under the search's one log dir
+        session = plugin_data_pb2.HParamsPluginData.FromString(
+            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        assert session.hparams["net/init_args/hidden1"].number_value == trial.params["model.net.init_args.hidden1"]
+        assert events.Scalars("hp/val_acc_best")[0].value == pytest.approx(trial.value)
+
+
+def test_a_search_leaves_its_tables_plots_and_a_best_config_that_fits_as_is(finished_search: Path,
+                                                                         tmp_path: Path):
+    folder = finished_search / "s"
+    trials = trials_of(finished_search, "s")
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    top = (folder / "top.md").read_text()
+    assert f"| {best.number} | {best.value:.4f} |" in top.splitlines()[4]  # the first row is the best trial
+    assert "4 complete, 0 pruned" in top
+    assert len(read_csv(folder / "trials.csv")) == len(trials)
+    for plot in ("history.png", "importances.png"):
+        assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
+    config = yaml.safe_load((folder / "best.yaml").read_text())
+    assert config["model"]["optimizer"]["init_args"]["lr"] == best.params["model.optimizer.init_args.lr"]
+    assert config["data"]["batch_size"] == best.params["data.batch_size"]
+    assert config["trainer"]["callbacks"] is None and config["test_after_fit"] is True
+    done = subprocess.run([sys.executable, "-m", "mnist_lit", "fit", "--config", str(folder / "best.yaml"),
+                           "--torch_threads", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (metrics,) = [json.loads(p.read_text())["metrics"] for p in (tmp_path / "logs").glob("*/*/metrics.json")]
+    assert metrics["val/acc_best"] == pytest.approx(best.value)  # the same run again, and now its test result
+    assert "test/acc" in metrics
+
+
+def test_rerunning_a_finished_search_runs_nothing_and_another_space_is_refused(finished_search: Path):
+    space = finished_search / "space.yaml"
+    before = len(trials_of(finished_search, "s"))
+    done = search(finished_search, "s", "--space", str(space), "--trials", "4", data=finished_search / "data")
+    assert done.returncode == 0 and not [line for line in done.stdout.splitlines() if line.startswith("[worker")]
+    assert len(trials_of(finished_search, "s")) == before
+    other = space_file(finished_search / "data", space={**SPACE["space"], "data.batch_size": {
+        "type": "categorical", "choices": [32, 128]}})
+    done = search(finished_search, "s", "--space", str(other), "--trials", "4", data=finished_search / "data")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("error: The study 's'") and "data.batch_size" in message and "--name" in message
+
+
+def test_optuna_dashboard_serves_the_finished_study_on_loopback(finished_search: Path):
+    pytest.importorskip("optuna_dashboard")
+    port = free_port()
+    program = Path(sys.executable).parent / "optuna-dashboard"  # the extra's console script, beside python
+    dashboard = subprocess.Popen([str(program), f"sqlite:///{finished_search / 's' / 'study.db'}", "--host",
+                                  "127.0.0.1", "--port", str(port)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, studies = time.monotonic() + 60, None
+        while studies is None and dashboard.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    studies = json.load(response)["study_summaries"]
+            except OSError:
+                time.sleep(0.5)
+        if studies is None:
+            dashboard.kill()
+            pytest.fail(f"optuna-dashboard did not answer within 60 s: {dashboard.communicate(timeout=30)[0][-2000:]}")
+        (study,) = [s for s in studies if s["study_name"] == "s"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=10) as r:
+            served = {t["number"]: t for t in json.load(r)["trials"]}
+        for trial in trials_of(finished_search, "s"):
+            if trial.state == TrialState.COMPLETE:
+                assert served[trial.number]["values"] == [trial.value]
+    finally:
+        dashboard.kill()
+        dashboard.wait(timeout=30)
+
+
+def test_a_pruner_that_must_prune_stops_every_trial_after_its_first_epoch(tmp_path: Path, tiny_mnist: Path):
+    space = space_file(tmp_path, pruner={"class_path": "optuna.pruners.ThresholdPruner",
+                                         "init_args": {"lower": 1.01}})  # val/acc <= 1 < 1.01: always prune
+    done = search(tmp_path, "p", "--space", str(space), "--trials", "2", "--workers", "2", data=tiny_mnist, epochs=4)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = trials_of(tmp_path, "p")
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    for trial in trials:
+        run = tmp_path / "p" / trial.user_attrs["run_folder"]
+        assert trial.user_attrs["pruned_at_epoch"] == 0 and list(trial.intermediate_values) == [0]
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # stopped, saved
+        assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    assert "0 complete, 2 pruned" in (tmp_path / "p" / "top.md").read_text()
+    assert not (tmp_path / "p" / "best.yaml").exists()  # no complete trial: no best configuration
+
+
+@pytest.mark.slow
+def test_pruning_stops_every_rank_of_a_ddp_trial(tmp_path: Path, tiny_mnist: Path):
+    space = space_file(tmp_path, pruner={"class_path": "optuna.pruners.ThresholdPruner",
+                                         "init_args": {"lower": 1.01}})
+    done = search(tmp_path, "d", "--space", str(space), "--trials", "1", data=tiny_mnist, epochs=4,
+                  fit=[*FIT, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (trial,) = trials_of(tmp_path, "d")
+    assert trial.state == TrialState.PRUNED and trial.user_attrs["pruned_at_epoch"] == 0
+    run = tmp_path / "d" / trial.user_attrs["run_folder"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert "Trial 0 pruned after epoch 0" in run.with_suffix(".log").read_text()
+
+
+@pytest.mark.slow
+def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finishes_the_study(tmp_path: Path,
+                                                                                             tiny_mnist: Path):
+    space = space_file(tmp_path)
+    worker = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=40, popen=True)
+    last = tmp_path / "k" / "trials" / "trial0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last.is_file(), worker.communicate(timeout=30)
+    worker.kill()  # SIGKILL: no handler runs in the worker
+    worker.communicate(timeout=60)
+    (trial,) = trials_of(tmp_path, "k")
+    assert trial.state == TrialState.RUNNING  # not complete; its fit got SIGTERM from the kernel and stopped
+    deadline = time.monotonic() + 120
+    while any("trial0" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    done = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=40)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = trials_of(tmp_path, "k")
+    assert trials[0].state == TrialState.FAIL and "error" not in trials[0].user_attrs
+    resumed = [t for t in trials if t.user_attrs.get("resumes") == 0]
+    assert len(resumed) == 1 and resumed[0].state == TrialState.COMPLETE
+    assert resumed[0].params == trials[0].params and resumed[0].user_attrs["run_folder"] == "trials/trial0"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    assert "Restoring states from the checkpoint" in (tmp_path / "k" / "trials" / "trial0.log").read_text()
+
+
+@pytest.mark.parametrize("dimension, named", [
+    ({"model.net.init_args.hidden3": {"type": "int", "low": 8, "high": 16}}, "hidden3"),
+    ({"model.optimizer.init_args.lr": {"type": "float", "low": 0.5, "high": 0.1}}, "range [0.5, 0.1] is empty"),
+    ({"model.optimizer.init_args.weight_decay": {"type": "float", "low": 0.0, "high": 0.01, "log": True}},
+     "a log range must be above 0"),
+    ({"data.batch_size": {"type": "categorical", "choices": []}}, "'choices' must be a non-empty list"),
+    ({"data.batch_size": {"type": "integer", "low": 1, "high": 3}}, "'type' float, int or categorical"),
+])
+def test_a_bad_search_space_is_one_paragraph_naming_the_key(tmp_path: Path, dimension: dict, named: str):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"space": dimension}))
+    done = search(tmp_path, "bad", "--space", str(space), data=tmp_path, timeout=120)
+    message = done.stderr.strip()
+    assert done.returncode == 1 and message.startswith("error: ") and "\n" not in message, done.stderr
+    assert next(iter(dimension)).rsplit(".", 1)[-1] in message and named in message
+    assert not (tmp_path / "bad" / "study.db").exists()  # refused before any study or trial
+
+
+# Grids x seeds: what scripts/sweep.py did, in the same engine.
+
+def grid(root: Path, data: Path, *extra: str, name: str = "lr", popen: bool = False):
+    return search(root, name, "--grid", "model.optimizer.init_args.lr=0.02,0.1", "--seeds", "0", "1",
+                  "--workers", "2", *extra, data=data, popen=popen)
+
+
+def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tiny_mnist: Path, tmp_path: Path):
+    done = grid(tmp_path, tiny_mnist)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = read_csv(tmp_path / "lr" / "results.csv")
+    assert [(r["configuration"], r["model.optimizer.init_args.lr"], r["seed"], r["status"]) for r in rows] == [
+        ("lr=0.02", "0.02", "0", "ok"), ("lr=0.02", "0.02", "1", "ok"), ("lr=0.1", "0.1", "0", "ok"),
+        ("lr=0.1", "0.1", "1", "ok")]
+    for row in rows:  # each run is a normal run folder, with its own seed recorded
+        assert Path(row["run_folder"], "metrics.json").is_file()
+        assert f"seed_everything: {row['seed']}" in Path(row["run_folder"], "config.yaml").read_text()
+    losses = [float(r["test/loss"]) for r in rows if r["configuration"] == "lr=0.1"]
+    assert losses[0] != losses[1]  # different seeds, different runs
+    table = (tmp_path / "lr" / "results.md").read_text()
+    assert table.splitlines()[0] == ("| configuration | model.optimizer.init_args.lr | seeds | test/acc | "
+                                     "val/acc_best | test/loss | wall_s |")
+    (line,) = [line for line in table.splitlines() if line.startswith("| lr=0.1 | 0.1 | 2/2 | ")]
+    assert line.split(" | ")[5] == f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}", table
+    study = sqlite3.connect(tmp_path / "lr" / "study.db")  # the books are Optuna's: four trials, complete
+    assert study.execute("select state, count(*) from trials group by state").fetchall() == [("COMPLETE", 4)]
+
+
+def test_a_failing_run_is_reported_and_the_grid_exits_nonzero(tiny_mnist: Path, tmp_path: Path):
+    done = search(tmp_path, "bad", "--grid", "data.val_size=100,100000", data=tiny_mnist, epochs=1,
+                  fit=[a for a in FIT if a not in ("--data.val_size", "100")])
+    assert done.returncode == 1
+    assert "trial 1: FAILED, fit exited with code 1" in done.stdout
+    assert "--data.val_size is 100000" in (tmp_path / "bad" / "val_size=100000" / "seed0.log").read_text()
+    assert [r["status"] for r in read_csv(tmp_path / "bad" / "results.csv")] == ["ok", "failed"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "model.optimizer.init_args.lr"], "is not KEY=V1,V2"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--seeds", "1", "--", "--seed_everything", "3"], "--seed_everything is given after -- and is also what"),
+])
+def test_bad_search_arguments_are_named(args: list[str], message: str, tmp_path: Path):
+    done = subprocess.run([*SEARCH, "--name", "x", "--root", str(tmp_path), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode in (1, 2) and message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_resumes_them(tiny_mnist: Path,
+                                                                                    tmp_path: Path):
+    search_ = search(tmp_path, "long", "--seeds", "0", "1", "--workers", "2", data=tiny_mnist, epochs=40, popen=True)
+    lasts = [tmp_path / "long" / "default" / f"seed{s}" / "checkpoints" / "last.ckpt" for s in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(p.is_file() for p in lasts) and search_.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(search_.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    out, err = search_.communicate(timeout=120)
+    assert search_.returncode == 1 and "Interrupted: run the same command again to resume." in err, out + err
+    stopped_at = [torch.load(p, weights_only=True)["epoch"] for p in lasts]
+    assert all(epoch < 39 for epoch in stopped_at) and not list(tmp_path.glob("long/default/*/metrics.json"))
+    done = search(tmp_path, "long", "--seeds", "0", "1", "--workers", "2", data=tiny_mnist, epochs=40)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 runs: 0 already finished or running, 2 to run" in done.stdout
+    for seed in (0, 1):
+        log = (tmp_path / "long" / "default" / f"seed{seed}.log").read_text()
+        assert "Restoring states from the checkpoint" in log
+    assert [r["status"] for r in read_csv(tmp_path / "long" / "results.csv")] == ["ok", "ok"]
+    again = search(tmp_path, "long", "--seeds", "0", "1", "--workers", "2", data=tiny_mnist, epochs=40)
+    assert again.returncode == 0 and "2 runs: 2 already finished or running, 0 to run" in again.stdout
