@@ -52,9 +52,10 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def check_fit_arguments(plan: Plan, sample: dict) -> None:
-    """The fit command parses the base configs, one point of the space and the arguments after --, before
-    any trial starts: a misspelt key is one message here, not a failed trial per worker."""
-    command = [sys.executable, "-m", "mnist_lit", "fit", *plan.base_arguments(sample), "--print_config"]
+    """The fit command parses a trial's command line (the base configs, the arguments after --, one point of
+    the space and the search's own flags) before any trial starts: a misspelt key, or a config whose logger
+    takes no save_dir, is one message here, not a failed trial per worker."""
+    command = [*plan.fit_command(sample, plan.folder / "trials" / "check", None), "--print_config"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         error = done.stderr.strip().split("error: ", 1)[-1]
@@ -62,7 +63,9 @@ def check_fit_arguments(plan: Plan, sample: dict) -> None:
         raise SearchSpaceError(f"the fit command refuses this search's arguments (keys searched: {keys}; after "
                                f"--: {' '.join(plan.passthrough) or '(none)'}): {' '.join(error.split())}. "
                                "Keys are the fit command's dotted names: python -m mnist_lit fit --config "
-                               f"{DEFAULT_CONFIG} --print_config lists them.")
+                               f"{DEFAULT_CONFIG} --print_config lists them. Each trial logs under the search's "
+                               "folder through its logger's save_dir, name and version, so the config's logger must "
+                               "take them (TensorBoard, the default, or CSV).")
 
 
 def arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             worker.join(0.5)
     wall = time.perf_counter() - started
     study = open_study(plan)
-    ok = write_grid_results(study, plan) if plan.grid is not None else write_search_results(study, plan, wall)
+    ok = write_grid_results(study, plan) if plan.grid is not None else write_search_results(study, plan)
+    print(f"This command's wall time: {wall:.0f} s")
     if interrupted:
         print("Interrupted: run the same command again to resume.", file=sys.stderr)
         return 1

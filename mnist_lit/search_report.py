@@ -82,7 +82,7 @@ def summarize(records: list[dict], keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_search_results(study: optuna.Study, plan: Plan, wall: float) -> bool:
+def write_search_results(study: optuna.Study, plan: Plan) -> bool:
     """trials.csv, top.md, best.yaml and the plots; True when the study has its trials."""
     trials = study.get_trials(deepcopy=False)
     keys = [d.key for d in plan.space.dimensions]
@@ -99,9 +99,13 @@ def write_search_results(study: optuna.Study, plan: Plan, wall: float) -> bool:
         cells = [t.number, f"{t.value:.4f}", *(cell(t.params[k]) for k in keys), t.user_attrs.get("epochs"),
                  t.user_attrs.get("wall_s")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    ended = [t for t in trials if t.datetime_complete is not None and t.datetime_start is not None]
+    span = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)).total_seconds() \
+        if ended else 0.0
     summary = (f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
-               f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running; this command's wall time "
-               f"{wall:.0f} s; trials' total {sum(t.user_attrs.get('wall_s', 0) for t in trials):.0f} s.")
+               f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running. Wall time from the first "
+               f"trial's start to the last one's end: {span:.0f} s; the trials' own, added up: "
+               f"{sum(t.user_attrs.get('wall_s', 0) for t in trials):.0f} s.")
     top = f"Top {TOP} of study '{plan.name}' by val/acc_best (the test set is not looked at):\n\n" + \
         "\n".join(lines) + f"\n\n{summary}\n"
     (plan.folder / "top.md").write_text(top)

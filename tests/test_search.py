@@ -18,6 +18,8 @@ import psutil
 import pytest
 import torch
 import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -48,8 +50,8 @@ def space_file(folder: Path, **changes) -> Path:
     return path
 
 
-def trials_of(root: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{root / name / 'study.db'}").get_trials()
+def trials_of(root: Path, name: str, storage=None) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{root / name / 'study.db'}").get_trials()
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -162,9 +164,13 @@ def test_optuna_dashboard_serves_the_finished_study_on_loopback(finished_search:
 def test_a_pruner_that_must_prune_stops_every_trial_after_its_first_epoch(tmp_path: Path, tiny_mnist: Path):
     space = space_file(tmp_path, pruner={"class_path": "optuna.pruners.ThresholdPruner",
                                          "init_args": {"lower": 1.01}})  # val/acc <= 1 < 1.01: always prune
-    done = search(tmp_path, "p", "--space", str(space), "--trials", "2", "--workers", "2", data=tiny_mnist, epochs=4)
+    journal = tmp_path / "shared" / "p.journal"  # an Optuna journal file instead of a database, as on a shared disk
+    journal.parent.mkdir()
+    done = search(tmp_path, "p", "--space", str(space), "--trials", "2", "--workers", "2", "--storage", str(journal),
+                  data=tiny_mnist, epochs=4)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    trials = trials_of(tmp_path, "p")
+    assert not (tmp_path / "p" / "study.db").exists()
+    trials = trials_of(tmp_path, "p", JournalStorage(JournalFileBackend(str(journal))))
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     for trial in trials:
         run = tmp_path / "p" / trial.user_attrs["run_folder"]
@@ -204,7 +210,8 @@ def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finish
     (trial,) = trials_of(tmp_path, "k")
     assert trial.state == TrialState.RUNNING  # not complete; its fit got SIGTERM from the kernel and stopped
     deadline = time.monotonic() + 120
-    while any("trial0" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])) \
+    fit_of_trial0 = str(tmp_path / "k")  # its fit's logger save_dir, in its command line
+    while any(fit_of_trial0 in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])) \
             and time.monotonic() < deadline:
         time.sleep(0.5)
     done = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=40)
