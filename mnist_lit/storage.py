@@ -11,9 +11,11 @@ on the worker's own machine a dead worker is still found by its process id (``st
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import optuna
+import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -23,6 +25,13 @@ def open_storage(where: str, heartbeat: int = 60) -> BaseStorage:
         return JournalStorage(JournalFileBackend(where))
     # SQLite lets one writer in at a time; others wait this long instead of failing at once.
     engine = {"connect_args": {"timeout": 60}} if where.startswith("sqlite") else None
+    for attempt in range(4):
+        try:
+            return RDBStorage(where, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
+        except sqlalchemy.exc.OperationalError:
+            # Workers started together on a new database race to create Optuna's tables ("table ... already
+            # exists"); once one has, the others find them.
+            time.sleep(1 + attempt)
     return RDBStorage(where, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
 
 

@@ -75,16 +75,18 @@ def test_two_nodes_under_torchrun_train_checkpoint_and_log_once(tiny_mnist: Path
     port = free_port()
     args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(TRAINER / "multinode.yaml"),
                     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1")
-    nodes = []
-    for node in range(2):  # two "machines" on 127.0.0.1, one process each, gloo backend
+    nodes, consoles = [], [tmp_path / f"node{node}.log" for node in range(2)]
+    for node, console in enumerate(consoles):  # two "machines" on 127.0.0.1, one process each, gloo backend
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                     "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
                     "-m", "mnist_lit"]
-        nodes.append(subprocess.Popen([*torchrun, *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for node in nodes:
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-4000:]
+        # Each node's output goes to a file, so that no node can block on a full pipe that the test is not
+        # reading yet (it waits on the nodes one after the other).
+        with console.open("w") as out:
+            nodes.append(subprocess.Popen([*torchrun, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT))
+    for node, console in zip(nodes, consoles, strict=True):
+        node.wait(timeout=300)
+        assert node.returncode == 0, console.read_text()[-4000:]
     run = only_run(tmp_path / "logs")
     assert writer_processes(run) == 1
     assert sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir()) == ["best", "last.ckpt"]

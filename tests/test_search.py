@@ -3,10 +3,6 @@ engine. Real fits on tiny IDX data, a few epochs each, in separate processes as 
 
 import csv
 import json
-import os
-import signal
-import sqlite3
-import statistics
 import subprocess
 import sys
 import time
@@ -199,7 +195,7 @@ def test_pruning_stops_every_rank_of_a_ddp_trial(tmp_path: Path, tiny_mnist: Pat
 def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finishes_the_study(tmp_path: Path,
                                                                                              tiny_mnist: Path):
     space = space_file(tmp_path)
-    worker = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=40, popen=True)
+    worker = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=15, popen=True)
     last = tmp_path / "k" / "trials" / "trial0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.is_file() and worker.poll() is None and time.monotonic() < deadline:
@@ -214,7 +210,7 @@ def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finish
     while any(fit_of_trial0 in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])) \
             and time.monotonic() < deadline:
         time.sleep(0.5)
-    done = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=40)
+    done = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=15)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = trials_of(tmp_path, "k")
     assert trials[0].state == TrialState.FAIL and "error" not in trials[0].user_attrs
@@ -241,75 +237,3 @@ def test_a_bad_search_space_is_one_paragraph_naming_the_key(tmp_path: Path, dime
     assert done.returncode == 1 and message.startswith("error: ") and "\n" not in message, done.stderr
     assert next(iter(dimension)).rsplit(".", 1)[-1] in message and named in message
     assert not (tmp_path / "bad" / "study.db").exists()  # refused before any study or trial
-
-
-# Grids x seeds: what scripts/sweep.py did, in the same engine.
-
-def grid(root: Path, data: Path, *extra: str, name: str = "lr", popen: bool = False):
-    return search(root, name, "--grid", "model.optimizer.init_args.lr=0.02,0.1", "--seeds", "0", "1",
-                  "--workers", "2", *extra, data=data, popen=popen)
-
-
-def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tiny_mnist: Path, tmp_path: Path):
-    done = grid(tmp_path, tiny_mnist)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = read_csv(tmp_path / "lr" / "results.csv")
-    assert [(r["configuration"], r["model.optimizer.init_args.lr"], r["seed"], r["status"]) for r in rows] == [
-        ("lr=0.02", "0.02", "0", "ok"), ("lr=0.02", "0.02", "1", "ok"), ("lr=0.1", "0.1", "0", "ok"),
-        ("lr=0.1", "0.1", "1", "ok")]
-    for row in rows:  # each run is a normal run folder, with its own seed recorded
-        assert Path(row["run_folder"], "metrics.json").is_file()
-        assert f"seed_everything: {row['seed']}" in Path(row["run_folder"], "config.yaml").read_text()
-    losses = [float(r["test/loss"]) for r in rows if r["configuration"] == "lr=0.1"]
-    assert losses[0] != losses[1]  # different seeds, different runs
-    table = (tmp_path / "lr" / "results.md").read_text()
-    assert table.splitlines()[0] == ("| configuration | model.optimizer.init_args.lr | seeds | test/acc | "
-                                     "val/acc_best | test/loss | wall_s |")
-    (line,) = [line for line in table.splitlines() if line.startswith("| lr=0.1 | 0.1 | 2/2 | ")]
-    assert line.split(" | ")[5] == f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}", table
-    study = sqlite3.connect(tmp_path / "lr" / "study.db")  # the books are Optuna's: four trials, complete
-    assert study.execute("select state, count(*) from trials group by state").fetchall() == [("COMPLETE", 4)]
-
-
-def test_a_failing_run_is_reported_and_the_grid_exits_nonzero(tiny_mnist: Path, tmp_path: Path):
-    done = search(tmp_path, "bad", "--grid", "data.val_size=100,100000", data=tiny_mnist, epochs=1,
-                  fit=[a for a in FIT if a not in ("--data.val_size", "100")])
-    assert done.returncode == 1
-    assert "trial 1: FAILED, fit exited with code 1" in done.stdout
-    assert "--data.val_size is 100000" in (tmp_path / "bad" / "val_size=100000" / "seed0.log").read_text()
-    assert [r["status"] for r in read_csv(tmp_path / "bad" / "results.csv")] == ["ok", "failed"]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--grid", "model.optimizer.init_args.lr"], "is not KEY=V1,V2"),
-    (["--workers", "0"], "--workers must be at least 1"),
-    (["--seeds", "1", "--", "--seed_everything", "3"], "--seed_everything is given after -- and is also what"),
-])
-def test_bad_search_arguments_are_named(args: list[str], message: str, tmp_path: Path):
-    done = subprocess.run([*SEARCH, "--name", "x", "--root", str(tmp_path), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
-    assert done.returncode in (1, 2) and message in done.stderr and "Traceback" not in done.stderr
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_resumes_them(tiny_mnist: Path,
-                                                                                    tmp_path: Path):
-    search_ = search(tmp_path, "long", "--seeds", "0", "1", "--workers", "2", data=tiny_mnist, epochs=40, popen=True)
-    lasts = [tmp_path / "long" / "default" / f"seed{s}" / "checkpoints" / "last.ckpt" for s in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not all(p.is_file() for p in lasts) and search_.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(search_.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-    out, err = search_.communicate(timeout=120)
-    assert search_.returncode == 1 and "Interrupted: run the same command again to resume." in err, out + err
-    stopped_at = [torch.load(p, weights_only=True)["epoch"] for p in lasts]
-    assert all(epoch < 39 for epoch in stopped_at) and not list(tmp_path.glob("long/default/*/metrics.json"))
-    done = search(tmp_path, "long", "--seeds", "0", "1", "--workers", "2", data=tiny_mnist, epochs=40)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "2 runs: 0 already finished or running, 2 to run" in done.stdout
-    for seed in (0, 1):
-        log = (tmp_path / "long" / "default" / f"seed{seed}.log").read_text()
-        assert "Restoring states from the checkpoint" in log
-    assert [r["status"] for r in read_csv(tmp_path / "long" / "results.csv")] == ["ok", "ok"]
-    again = search(tmp_path, "long", "--seeds", "0", "1", "--workers", "2", data=tiny_mnist, epochs=40)
-    assert again.returncode == 0 and "2 runs: 2 already finished or running, 0 to run" in again.stdout
