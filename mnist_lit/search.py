@@ -71,8 +71,10 @@ def check_fit_arguments(plan: Plan, sample: dict) -> None:
 def arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m mnist_lit.search", description=__doc__.split("\n\n")[0],
-                                     epilog="See the README, 'Search'.")
+    parser = argparse.ArgumentParser(prog="python -m mnist_lit.search",
+                                     description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Arguments after -- go to every trial's fit. See the README, 'Search'.")
     parser.add_argument("--name", required=True, help="the study, and its folder under --root")
     parser.add_argument("--config", action="append", help=f"fit config files, in order (default: {DEFAULT_CONFIG})")
     what = parser.add_mutually_exclusive_group()
@@ -85,7 +87,7 @@ def arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--storage", help="an SQLAlchemy URL or a journal file (default: sqlite in the folder)")
     parser.add_argument("--heartbeat", type=int, default=60, help="seconds; a database marks a trial failed "
                         "after 3 heartbeats missed (a dead machine)")
-    parser.add_argument("--root", default="logs/search")
+    parser.add_argument("--root", default="logs/search", help="where the study's folder goes (default: logs/search)")
     options = parser.parse_args(argv)
     for flag in ("trials", "workers", "heartbeat"):
         if getattr(options, flag) < 1:

@@ -90,3 +90,12 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint_and_the_same_command_resumes_t
     assert [r["status"] for r in read_csv(tmp_path / "long" / "results.csv")] == ["ok", "ok"]
     again = search(tmp_path, "long", "--seeds", "0", "1", "--workers", "2", data=tiny_mnist, epochs=20)
     assert again.returncode == 0 and "2 runs: 2 already finished or running, 0 to run" in again.stdout
+
+
+def test_help_shows_the_three_commands_and_every_option():
+    done = subprocess.run([*SEARCH, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0
+    for shown in ("--space configs/search/mlp.yaml --trials 30", "--grid model.optimizer.init_args.lr=",
+                  "--config logs/search/mlp/best.yaml --seeds 0 1 2", "--no-pruning", "--storage", "--workers",
+                  "Arguments after -- go to every trial's fit"):
+        assert shown in done.stdout, shown
