@@ -80,19 +80,46 @@ def arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--space", help="a search: the search space YAML (configs/search/mlp.yaml)")
     what.add_argument("--grid", action="append", help="a grid: KEY=V1,V2,... (repeat for a product)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a grid: each configuration with these")
-    parser.add_argument("--trials", type=int, default=30, help="a search: COMPLETE + PRUNED trials to reach")
+    parser.add_argument("--seeds", type=int, nargs="+", help="a grid: each configuration with these (default: 0)")
+    parser.add_argument("--trials", type=int, help="a search: COMPLETE + PRUNED trials to reach (default: 30)")
     parser.add_argument("--workers", type=int, default=1, help="trials at a time on this machine (one thread each)")
     parser.add_argument("--no-pruning", action="store_true", help="a search: every trial runs all its epochs")
     parser.add_argument("--storage", help="an SQLAlchemy URL or a journal file (default: sqlite in the folder)")
-    parser.add_argument("--heartbeat", type=int, default=60, help="seconds; a database marks a trial failed "
-                        "after 3 heartbeats missed (a dead machine)")
+    parser.add_argument("--heartbeat", type=int, help="a database storage: seconds; a trial is marked failed "
+                        "after 3 heartbeats missed, a dead machine (default: 60)")
     parser.add_argument("--root", default="logs/search", help="where the study's folder goes (default: logs/search)")
     options = parser.parse_args(argv)
     for flag in ("trials", "workers", "heartbeat"):
-        if getattr(options, flag) < 1:
+        if getattr(options, flag) is not None and getattr(options, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     return options, passthrough
+
+
+def refuse_what_does_not_apply(options: argparse.Namespace) -> None:
+    """A flag that would change nothing here is refused, not ignored."""
+    if options.space and options.seeds is not None:
+        raise SearchSpaceError("--seeds is for a grid (--grid, or neither); a search's trials all use the config's "
+                               "seed_everything. Drop --seeds, or retrain the best configuration over seeds "
+                               "afterwards: --config logs/search/<name>/best.yaml --seeds 0 1 2.")
+    if not options.space and (options.trials is not None or options.no_pruning):
+        raise SearchSpaceError("--trials and --no-pruning are for a search (--space); a grid runs each "
+                               "configuration x seed once, with no pruning. Drop them, or give --space.")
+    if options.heartbeat is not None and options.storage and "://" not in options.storage:
+        raise SearchSpaceError(f"--heartbeat is for a database storage; Optuna's journal file ({options.storage}) "
+                               "has no heartbeat. Drop --heartbeat, or give a database URL as --storage.")
+
+
+# Set by the search for every trial; after -- they would be overridden without a word, so they are refused there.
+SET_BY_THE_SEARCH = ("trainer.logger.init_args.save_dir", "trainer.logger.init_args.name",
+                     "trainer.logger.init_args.version", "ckpt_path")
+
+
+def given_after_dashes(keys: list[str], passthrough: list[str]) -> list[str]:
+    """Which dotted keys the arguments after -- set, ``init_args`` written out or left out."""
+    def short(key: str) -> str:
+        return key.removeprefix("--").split("=", 1)[0].replace(".init_args.", ".")
+    flags = {short(a) for a in passthrough if a.startswith("--")}
+    return [key for key in keys if short(key) in flags]
 
 
 def plan_of(options: argparse.Namespace, passthrough: list[str]) -> Plan:
@@ -105,19 +132,22 @@ def plan_of(options: argparse.Namespace, passthrough: list[str]) -> Plan:
     storage = options.storage or f"sqlite:///{folder / 'study.db'}"
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    plan = Plan(options.name, folder, storage, configs, passthrough, heartbeat=options.heartbeat)
+    plan = Plan(options.name, folder, storage, configs, passthrough, heartbeat=options.heartbeat or 60)
     if options.space:
         space = SearchSpace.load(options.space)
         plan.space = SearchSpace(space.dimensions, space.sampler, None) if options.no_pruning else space
-        plan.trials = options.trials
+        plan.trials = options.trials or 30
     else:
-        plan.grid, plan.seeds = parse_grid(options.grid or []), options.seeds
+        plan.grid, plan.seeds = parse_grid(options.grid or []), options.seeds or [0]
     varied = [d.key for d in plan.space.dimensions] if plan.space else [*plan.grid, "seed_everything"]
-    given = [key for key in varied if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in passthrough)]
-    if given:
-        varies = "search" if plan.space else "grid"
-        raise SearchSpaceError(f"--{given[0]} is given after -- and is also what the {varies} varies; each trial "
-                               "sets it. Drop it from the arguments after --.")
+    kind = "search" if plan.space else "grid"
+    for keys, why in ((varied, f"is also what the {kind} varies"),
+                      ((*SET_BY_THE_SEARCH, *(["test_after_fit"] if plan.space else [])),
+                       f"is set by the {kind} itself for every trial (its run folder; a search never tests)")):
+        given = given_after_dashes(list(keys), passthrough)
+        if given:
+            raise SearchSpaceError(f"--{given[0]} is given after -- and {why}; each trial would silently get the "
+                                   f"{kind}'s value. Drop it from the arguments after --.")
     return plan
 
 
@@ -125,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     options, passthrough = arguments(sys.argv[1:] if argv is None else argv)
     quiet_optuna()
     try:
+        refuse_what_does_not_apply(options)
         plan = plan_of(options, passthrough)
         plan.folder.mkdir(parents=True, exist_ok=True)
         check_fit_arguments(plan, plan.space.first() if plan.space else plan.grid_runs()[0][1])

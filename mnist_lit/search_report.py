@@ -42,9 +42,8 @@ def write_grid_results(study: optuna.Study, plan: Plan) -> bool:
                "seed": params["seed_everything"]}
         trial = latest(runs[run]) if run in runs else None
         if trial is None or trial.state not in DONE:
-            state = "failed" if trial is not None and trial.state == TrialState.FAIL else "not run"
-            records.append(row | {"status": state if trial is None or trial.state != TrialState.RUNNING
-                                  else "running", "run_folder": str(plan.folder / run)})
+            status = {TrialState.FAIL: "failed", TrialState.RUNNING: "running"}.get(trial and trial.state, "not run")
+            records.append(row | {"status": status, "run_folder": str(plan.folder / run)})
             continue
         metrics = trial.user_attrs["metrics"]
         records.append(row | {"status": "ok", **{m: metrics.get(m) for m in METRICS},

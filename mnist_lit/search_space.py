@@ -110,14 +110,18 @@ def dimension(path, key: str, spec) -> Dimension:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or \
             (kind == "int" and not all(isinstance(v, int) for v in (low, high))):
         raise SearchSpaceError(f"{where}: 'low' and 'high' must both be {kind}s (got {low!r}, {high!r}).")
-    if low > high or (low == high and kind == "float"):
-        raise SearchSpaceError(f"{where}: the range [{low}, {high}] is empty; give low < high.")
+    if low > high:
+        raise SearchSpaceError(f"{where}: the range [{low}, {high}] is empty; give low <= high.")
     if options.get("log") and low <= 0:
         raise SearchSpaceError(f"{where}: a log range must be above 0, and low is {low}; give a positive low "
                                "(e.g. 1e-6) or drop 'log'.")
-    if options.get("log") and options.get("step") is not None:
-        raise SearchSpaceError(f"{where}: a range takes 'log' or 'step', not both.")
-    return Dimension(key, kind, {**options, "low": number(low), "high": number(high)})
+    options = {**options, "low": number(low), "high": number(high)}
+    try:  # Optuna's own checks of the rest (a step that does not fit, step with log, ...), before any trial
+        (optuna.distributions.FloatDistribution if kind == "float" else optuna.distributions.IntDistribution)(
+            **options)
+    except (ValueError, TypeError) as err:
+        raise SearchSpaceError(f"{where}: {err}") from None
+    return Dimension(key, kind, options)
 
 
 def class_spec(path, what: str, spec) -> dict | None:

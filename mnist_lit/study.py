@@ -86,23 +86,29 @@ class Plan:
         return values | {"seed_everything": trial.suggest_categorical("seed_everything", self.seeds)}
 
     def fit_command(self, params: dict, run: Path, resume: Path | None) -> list[str]:
-        command = [sys.executable, "-m", "mnist_lit", "fit", *self.base_arguments(params),
-                   "--torch_threads", "1", "--trainer.enable_progress_bar", "false",
-                    "--trainer.logger.init_args.save_dir", str(run.parent.parent),
-                    "--trainer.logger.init_args.name", run.parent.name,
-                    "--trainer.logger.init_args.version", run.name]
+        """configs; what the arguments after -- may change (one torch thread, no progress bar); those arguments;
+        then what the search sets for each trial (refused after --, see ``search.plan_of``) and its values."""
+        command = [sys.executable, "-m", "mnist_lit", "fit", *self.config_arguments(),
+                   "--torch_threads", "1", "--trainer.enable_progress_bar", "false", *self.passthrough,
+                   "--trainer.logger.init_args.save_dir", str(run.parent.parent),
+                   "--trainer.logger.init_args.name", run.parent.name, "--trainer.logger.init_args.version", run.name]
         if self.space is not None:  # a search never looks at the test set, and reports every epoch
             command += ["--test_after_fit", "false"]
             if resume is None:  # a checkpoint's own config has the callback already
                 command += ["--trainer.callbacks+=mnist_lit.pruning.TrialPruning", "--trainer.callbacks.storage",
                             self.storage, "--trainer.callbacks.study_name", self.name]
-        return command + (["--ckpt_path", str(resume)] if resume else [])
+        return command + value_arguments(params) + (["--ckpt_path", str(resume)] if resume else [])
 
     def base_arguments(self, params: dict) -> list[str]:
-        """The configs, the arguments after -- and then the trial's values, which nothing may override."""
-        arguments = [argument for config in self.configs for argument in ("--config", config)]
-        arguments += self.passthrough
-        return arguments + [argument for key, value in params.items() for argument in as_argument(key, value)]
+        """A trial's configuration alone (best.yaml): the configs, the arguments after -- and its values."""
+        return [*self.config_arguments(), *self.passthrough, *value_arguments(params)]
+
+    def config_arguments(self) -> list[str]:
+        return [argument for config in self.configs for argument in ("--config", config)]
+
+
+def value_arguments(params: dict) -> list[str]:
+    return [argument for key, value in params.items() for argument in as_argument(key, value)]
 
 
 def configuration_name(overrides: dict[str, str]) -> str:
@@ -198,6 +204,10 @@ def skip_reason(trials: list[FrozenTrial], number: int, run: str, quota: int | N
     return None
 
 
+def say(line: str) -> None:
+    print(line, flush=True)  # the workers' lines, in order, also when piped
+
+
 def die_with_parent() -> None:  # in the child, before exec: SIGTERM (a last.ckpt) when the worker dies
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -206,10 +216,9 @@ def die_with_parent() -> None:  # in the child, before exec: SIGTERM (a last.ckp
 class Worker(threading.Thread):
     """Runs trials one at a time until the study is done, or ``stop`` is set."""
 
-    def __init__(self, plan: Plan, index: int, ask_lock: threading.Lock, stop: threading.Event,
-                 say=print):
+    def __init__(self, plan: Plan, index: int, ask_lock: threading.Lock, stop: threading.Event):
         super().__init__(name=f"worker-{index}", daemon=True)
-        self.plan, self.ask_lock, self.stop, self.say = plan, ask_lock, stop, say
+        self.plan, self.ask_lock, self.stop = plan, ask_lock, stop
         self.index, self.errors_in_a_row, self.holding = index, 0, False
         self.process: subprocess.Popen | None = None  # the trial's fit, while it runs
 
@@ -239,7 +248,7 @@ class Worker(threading.Thread):
                     self.holding = False
                     self.ask_lock.release()
             if not waiting_said:
-                self.say(f"[{self.name}] no trial left to start: waiting for the running ones to end (one whose "
+                say(f"[{self.name}] no trial left to start: waiting for the running ones to end (one whose "
                          f"worker died fails within {3 * self.plan.heartbeat} s, and runs again)")
                 waiting_said = True
             self.stop.wait(min(5, self.plan.heartbeat))
@@ -260,9 +269,10 @@ class Worker(threading.Thread):
         study = trial.study
         trial.set_user_attr("worker", this_process())
         params = self.plan.params(trial)
-        run = trial.user_attrs.get("run_folder") or f"trials/trial{trial.number}"
+        enqueued = "run_folder" in trial.user_attrs  # a grid's run, or an interrupted one again
+        run = trial.user_attrs["run_folder"] if enqueued else f"trials/trial{trial.number}"
         trial.set_user_attr("run_folder", run)
-        if self.plan.space is None and "wall_s_before" not in trial.user_attrs:
+        if self.plan.space is None and not enqueued:
             reason = "the grid had no configuration left to run"  # another command took the last one
         else:
             reason = skip_reason(study.get_trials(deepcopy=False), trial.number, run, self.plan.trials)
@@ -288,7 +298,7 @@ class Worker(threading.Thread):
             run.rename(run.with_name(f"{run.name}.incomplete-{int(time.time())}"))
         console = run.with_suffix(".log")
         console.parent.mkdir(parents=True, exist_ok=True)
-        self.say(f"[{self.name}] trial {trial.number}: {run.relative_to(self.plan.folder)} "
+        say(f"[{self.name}] trial {trial.number}: {run.relative_to(self.plan.folder)} "
                  f"{' '.join(f'{k}={v}' for k, v in params.items())}" + (" (resumed)" if last.is_file() else ""))
         started = time.perf_counter()
         with console.open("a") as log:
@@ -299,13 +309,13 @@ class Worker(threading.Thread):
         trial.set_user_attr("wall_s", round(wall, 1))
         metrics_file = run / "metrics.json"
         if self.stop.is_set() and (returncode != 0 or not metrics_file.is_file()):
-            self.say(f"[{self.name}] trial {trial.number}: interrupted; run the same command again to resume it")
+            say(f"[{self.name}] trial {trial.number}: interrupted; run the same command again to resume it")
             raise TrialFailed("interrupted")
         if returncode != 0 or not metrics_file.is_file():
             self.errors_in_a_row += 1
             error = f"fit exited with code {returncode}: see {console}"
             trial.set_user_attr("error", error)
-            self.say(f"[{self.name}] trial {trial.number}: FAILED, {error}")
+            say(f"[{self.name}] trial {trial.number}: FAILED, {error}")
             raise TrialFailed(error)
         self.errors_in_a_row = 0
         record = json.loads(metrics_file.read_text())
@@ -314,8 +324,8 @@ class Worker(threading.Thread):
         (current,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
         value = record["metrics"]["val/acc_best"]
         if "pruned_at_epoch" in current.user_attrs:
-            self.say(f"[{self.name}] trial {trial.number}: pruned after epoch {current.user_attrs['pruned_at_epoch']}"
+            say(f"[{self.name}] trial {trial.number}: pruned after epoch {current.user_attrs['pruned_at_epoch']}"
                      f", val/acc_best {value:.4f} ({wall:.0f} s)")
             raise optuna.TrialPruned()
-        self.say(f"[{self.name}] trial {trial.number}: val/acc_best {value:.4f} ({wall:.0f} s)")
+        say(f"[{self.name}] trial {trial.number}: val/acc_best {value:.4f} ({wall:.0f} s)")
         return value

@@ -228,6 +228,7 @@ def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finish
      "a log range must be above 0"),
     ({"data.batch_size": {"type": "categorical", "choices": []}}, "'choices' must be a non-empty list"),
     ({"data.batch_size": {"type": "integer", "low": 1, "high": 3}}, "'type' float, int or categorical"),
+    ({"model.net.init_args.hidden1": {"type": "int", "low": 16, "high": 64, "step": 0}}, "`step > 0` must hold"),
 ])
 def test_a_bad_search_space_is_one_paragraph_naming_the_key(tmp_path: Path, dimension: dict, named: str):
     space = tmp_path / "space.yaml"

@@ -50,8 +50,10 @@ def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tin
 
 def test_a_failing_run_is_reported_and_the_grid_exits_nonzero(tiny_mnist: Path, tmp_path: Path):
     done = search(tmp_path, "bad", "--grid", "data.val_size=100,100000", data=tiny_mnist, epochs=1,
-                  fit=[a for a in FIT if a not in ("--data.val_size", "100")])
+                  fit=[*(a for a in FIT if a not in ("--data.val_size", "100")), "--torch_threads", "2"])
     assert done.returncode == 1
+    # the arguments after -- may change what the grid only defaults to (one torch thread per run)
+    assert "torch_threads: 2" in (tmp_path / "bad" / "val_size=100" / "seed0" / "config.yaml").read_text()
     assert "trial 1: FAILED, fit exited with code 1" in done.stdout
     assert "--data.val_size is 100000" in (tmp_path / "bad" / "val_size=100000" / "seed0.log").read_text()
     assert [r["status"] for r in read_csv(tmp_path / "bad" / "results.csv")] == ["ok", "failed"]
@@ -61,6 +63,14 @@ def test_a_failing_run_is_reported_and_the_grid_exits_nonzero(tiny_mnist: Path, 
     (["--grid", "model.optimizer.init_args.lr"], "is not KEY=V1,V2"),
     (["--workers", "0"], "--workers must be at least 1"),
     (["--seeds", "1", "--", "--seed_everything", "3"], "--seed_everything is given after -- and is also what"),
+    (["--", "--trainer.logger.save_dir", "elsewhere"],  # init_args left out, as the CLI allows
+     "--trainer.logger.init_args.save_dir is given after -- and is set by the grid itself"),
+    (["--space", "configs/search/mlp.yaml", "--", "--test_after_fit", "true"],
+     "--test_after_fit is given after -- and is set by the search itself"),
+    (["--space", "configs/search/mlp.yaml", "--seeds", "1"], "--seeds is for a grid"),
+    (["--trials", "3"], "--trials and --no-pruning are for a search"),
+    (["--no-pruning"], "--trials and --no-pruning are for a search"),
+    (["--storage", "study.journal", "--heartbeat", "5"], "--heartbeat is for a database storage"),
 ])
 def test_bad_search_arguments_are_named(args: list[str], message: str, tmp_path: Path):
     done = subprocess.run([*SEARCH, "--name", "x", "--root", str(tmp_path), *args], capture_output=True, text=True,
