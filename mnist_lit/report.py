@@ -6,8 +6,8 @@ digits, confusion matrices and per-class accuracy.
 
 Everything is written by rank 0 only; the confusion matrices are torchmetrics objects, computed
 (synced) on every rank. The scalars (throughput, per-class accuracy) go to every logger; the pictures
-need a TensorBoardLogger and step aside, with one notice, under other loggers. Cost on the default
-run: see docs/tensorboard.md.
+need a TensorBoardLogger and step aside, with one notice, under other loggers. Their cost is part of
+the whole-process figures in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class TensorBoardReport(L.Callback):
         writer = self.writer(trainer)
         if writer is not None and self.wrong:
             images, predicted, true = (torch.cat(parts) for parts in zip(*self.wrong, strict=True))
-            writer.add_figure("val/misclassified", misclassified_figure(images, predicted, true), trainer.global_step)
+            writer.add_image("val/misclassified", misclassified_image(images, predicted, true), trainer.global_step)
 
     def on_test_epoch_end(self, trainer, pl_module):
         self.evaluation_done(trainer, pl_module, "test")
@@ -148,8 +148,7 @@ class TensorBoardReport(L.Callback):
         writer = self.writer(trainer)
         if writer is not None:
             classes = getattr(trainer.datamodule, "classes", None) or [str(c) for c in range(len(matrix))]
-            figure = confusion_figure(matrix.cpu(), classes)
-            writer.add_figure(f"{stage}/confusion_matrix", figure, trainer.global_step)
+            writer.add_image(f"{stage}/confusion_matrix", confusion_image(matrix.cpu(), classes), trainer.global_step)
             writer.add_text(f"{stage}/confusion_matrix", markdown_matrix(matrix.cpu()), trainer.global_step)
 
 
@@ -158,40 +157,82 @@ def digits(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().reshape(len(x), 1, 28, 28)
 
 
-def misclassified_figure(images: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor):
-    """One image of up to 8 digits a row, each labelled 'predicted/true' (one axes: ~0.1 s, not 1 s)."""
-    import matplotlib.pyplot as plt  # imported on first use: ~0.5 s
+# The pictures are drawn with Pillow (torchvision's own image dependency) straight into uint8 tensors, in
+# milliseconds: matplotlib spent ~0.1-0.2 s on each figure (two per validation, one for the test).
+BLUES = torch.tensor([[247, 251, 255], [107, 174, 214], [8, 48, 107]], dtype=torch.float)  # light -> dark
 
-    columns, cell = 8, 28 + 2  # make_grid pads 2 px around each digit
-    rows = -(-len(images) // columns)
-    grid = make_grid(images, nrow=columns, normalize=True)[0]
-    fig = plt.figure(figsize=(columns * 0.8, rows * 0.9))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(grid, cmap="gray")
-    ax.axis("off")
+
+def font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow's bundled scalable font: no font files needed
+
+
+def to_tensor(picture) -> torch.Tensor:
+    """PIL RGB image -> (3, H, W) uint8, what SummaryWriter.add_image takes."""
+    return torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(
+        picture.height, picture.width, 3).permute(2, 0, 1)
+
+
+def misclassified_image(images: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor,
+                        scale: int = 3) -> torch.Tensor:
+    """(N, 1, 28, 28) digits -> one (3, H, W) uint8 image, 8 a row, each labelled 'predicted/true'."""
+    from PIL import Image, ImageDraw
+
+    columns, cell = 8, (28 + 2) * scale  # make_grid pads 2 px around each digit
+    grid = make_grid(images, nrow=columns, normalize=True).mul(255).byte()  # (3, H, W)
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # nearest-neighbour, readable pixels
+    picture = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+    draw, text = ImageDraw.Draw(picture), font(8 * scale)
     for i, (p, t) in enumerate(zip(predicted.tolist(), true.tolist(), strict=True)):
-        ax.text((i % columns) * cell + 2, (i // columns) * cell + 8, f"{p}/{t}", color="orangered", fontsize=8,
-                fontweight="bold")
-    return fig
+        draw.text(((i % columns) * cell + 3 * scale, (i // columns) * cell + scale), f"{p}/{t}",
+                  fill=(255, 69, 0), font=text)  # orangered
+    return to_tensor(picture)
 
 
-def confusion_figure(matrix: torch.Tensor, classes: list[str]):
-    """Counts on a log colour scale; the y labels carry each class's name and accuracy."""
-    import matplotlib.pyplot as plt
+def confusion_image(matrix: torch.Tensor, classes: list[str], cell: int = 36) -> torch.Tensor:
+    """(C, C) counts (true, predicted) -> (3, H, W) uint8: a heat map on a log scale, counts in the cells,
+    each class's name and accuracy beside its row."""
+    from PIL import Image, ImageDraw
 
+    n = len(matrix)
     per_class = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
-    fig = plt.figure(figsize=(5.5, 4.6))
-    ax = fig.add_axes((0.26, 0.12, 0.72, 0.84))  # room for names such as 'T-shirt/top  91.0%'
-    ax.imshow(matrix.float().log1p(), cmap="Blues")
-    for t, row in enumerate(matrix.tolist()):
-        for p, count in enumerate(row):
+    names = [f"{name}  {a:.1%}" for name, a in zip(classes, per_class, strict=True)]
+    counts, labels, title = font(11), font(12), font(13)
+    left = 2 * 13 + 8 + int(max(labels.getlength(name) for name in names))  # the rotated title, then the names
+    top, width, height = 8, left + n * cell + 8, 8 + n * cell + 44
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    shade = matrix.float().log1p() / max(matrix.float().log1p().max().item(), 1e-9)  # 0..1
+    colours = interpolate(BLUES, shade)  # (C, C, 3)
+    for t in range(n):
+        y = top + t * cell
+        draw.text((left - 6, y + cell / 2), names[t], fill="black", font=labels, anchor="rm")
+        for p in range(n):
+            x = left + p * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=tuple(colours[t, p].tolist()))
+            count = int(matrix[t, p])
             if count:
-                ax.text(p, t, count, ha="center", va="center", fontsize=6, color="white" if t == p else "black")
-    ax.set_xticks(range(len(matrix)))
-    ax.set_yticks(range(len(matrix)), [f"{name}  {a:.1%}" for name, a in zip(classes, per_class, strict=True)])
-    ax.set_xlabel("predicted class (label number)")
-    ax.set_ylabel("true class  (per-class accuracy)")
-    return fig
+                draw.text((x + cell / 2, y + cell / 2), str(count), font=counts, anchor="mm",
+                          fill="white" if shade[t, p] > 0.6 else "black")
+    bottom = top + n * cell
+    for p in range(n):
+        draw.text((left + p * cell + cell / 2, bottom + 4), str(p), fill="black", font=labels, anchor="mt")
+    draw.text((left + n * cell / 2, bottom + 24), "predicted class (label number)", fill="black", font=title,
+              anchor="mt")
+    side = Image.new("RGB", (n * cell, 2 * 13), "white")  # the y title, drawn flat, then turned
+    ImageDraw.Draw(side).text((n * cell / 2, 13), "true class  (per-class accuracy)", fill="black", font=title,
+                              anchor="mm")
+    picture.paste(side.rotate(90, expand=True), (0, top))
+    return to_tensor(picture)
+
+
+def interpolate(stops: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear colour map: x in [0, 1] (any shape) -> uint8 RGB (..., 3) between the stops."""
+    position = x.clamp(0, 1) * (len(stops) - 1)
+    low = position.floor().long().clamp(max=len(stops) - 2)
+    weight = (position - low).unsqueeze(-1)
+    return (stops[low] * (1 - weight) + stops[low + 1] * weight).round().byte()
 
 
 def markdown_matrix(matrix: torch.Tensor) -> str:

@@ -196,13 +196,16 @@ def contention(data: Path, work: Path, epochs: int) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Measured {report['date']} on {report['machine']} with `{report['command']}` "
              f"({report['repeats']} repeats, {report['epochs']} epochs; 'N thr': N torch threads).", "",
-             "| variant | wall s | train s/epoch | samples/s | first step s | peak RSS MB | val acc |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | wall s | train s/epoch | spread | samples/s | first step s | peak RSS MB | val acc |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, runs in report["runs"].items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        lines.append(f"| {name} | {med['wall_s']:.1f} | {med['epoch_s']:.2f} | {med['samples_per_s']:,.0f} | "
-                     f"{med['first_step_s']:.1f} | {med['peak_rss_mb']:.0f} | {med['val_acc']:.4f} |")
-    lines += ["", "Medians over repeats. Ratios, each from runs made side by side (min / median):", "",
+        epochs = [r["epoch_s"] for r in runs]
+        lines.append(f"| {name} | {med['wall_s']:.1f} | {med['epoch_s']:.2f} | {max(epochs) / min(epochs):.2f} | "
+                     f"{med['samples_per_s']:,.0f} | {med['first_step_s']:.1f} | {med['peak_rss_mb']:.0f} | "
+                     f"{med['val_acc']:.4f} |")
+    lines += ["", "Medians over repeats; spread: the slowest repeat's train s/epoch over the fastest's, the same "
+                  "command on this machine. Ratios, each from runs made side by side (min / median):", "",
               "| ratio | train s/epoch | whole-process wall | peak RSS |", "|---|---|---|---|"]
     for name in report["ratios"]["epoch_s"]:
         cells = [f"{report['ratios'][k][name][0]:.2f} / {report['ratios'][k][name][1]:.2f}"

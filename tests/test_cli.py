@@ -159,3 +159,14 @@ def test_step_curves_are_lightnings_own_when_calls_do_not_divide_the_interval(ti
                          for tag in ("train/loss", "train/lr", "train/loss_epoch", "train/acc", "val/acc")}
     assert [step for step, _ in curves["5"]["train/loss"]] == [7, 15, 23, 31]
     assert curves["5"] == curves["1"]
+
+
+def test_the_program_freezes_its_start_up_and_collects_the_run():
+    """`python -m mnist_lit` pauses the garbage collector while torch and Lightning load, then freezes what they
+    made (docs/benchmarks.md: start-up). The collector must be on again for the run, or its garbage piles up."""
+    check = ("import gc, runpy, sys\nsys.argv = ['mnist_lit', '--help']\ntry:\n"
+             "    runpy.run_module('mnist_lit', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(gc.isenabled(), gc.get_freeze_count())")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    enabled, frozen = done.stdout.split()[-2:]
+    assert enabled == "True" and int(frozen) > 10_000, done.stdout[-500:] + done.stderr[-2000:]
