@@ -10,9 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import fit_args, free_port, only_run, read_events, scalar
 from mnist_lit.cli import main
+from mnist_lit.report import BLUES, confusion_image, misclassified_image
 
 SCALARS = ["train/loss", "train/loss_epoch", "train/acc", "train/lr", "train/samples_per_s", "val/loss", "val/acc",
            "val/acc_best", "test/loss", "test/acc"]
@@ -71,6 +73,32 @@ def test_report_can_be_switched_down(tiny_mnist: Path, tmp_path: Path):
     events = read_events(only_run(tmp_path / "logs"))
     assert "val/misclassified" not in events.Tags()["images"]
     assert not events.Tags()["histograms"]
+
+
+def pixels_of(image: torch.Tensor, colour: list[int]) -> int:
+    return int((image.permute(1, 2, 0) == torch.tensor(colour, dtype=torch.uint8)).all(-1).sum())
+
+
+def test_confusion_picture_shades_each_cell_by_its_count():
+    cell = 36
+    matrix = torch.diag(torch.full((10,), 500))  # every digit right: ten darkest cells, ninety empty ones
+    image = confusion_image(matrix, [str(d) for d in range(10)], cell=cell)
+    assert image.dtype == torch.uint8 and image.shape[0] == 3 and image.shape[1] > 10 * cell
+    darkest, lightest = BLUES[-1].int().tolist(), BLUES[0].int().tolist()
+    assert 10 * cell * cell * 0.8 < pixels_of(image, darkest) <= 10 * cell * cell  # less the printed counts
+    assert pixels_of(image, lightest) == 90 * cell * cell  # an empty cell has no number in it
+    wider = confusion_image(matrix, ["a class with a long name"] * 10, cell=cell)
+    assert wider.shape[2] > image.shape[2]  # the names and accuracies get room beside the rows
+
+
+def test_misclassified_picture_is_a_captioned_grid_of_the_digits():
+    digits = torch.zeros(10, 1, 28, 28)  # black digits: only the captions are coloured
+    image = misclassified_image(digits, torch.arange(10), torch.arange(10).flip(0), scale=3)
+    assert image.shape == (3, (2 * 30 + 2) * 3, (8 * 30 + 2) * 3)  # 8 a row, make_grid's 2 px padding, 3x
+    caption = image.permute(1, 2, 0).int()
+    orange = (caption[..., 0] > 200) & (caption[..., 1] < 150) & (caption[..., 2] < 80)
+    rows_with_text = orange.any(1).nonzero().flatten()
+    assert rows_with_text.min() < 30 * 3 < rows_with_text.max()  # captions on both rows of digits
 
 
 def get(url: str, body: dict | None = None):
