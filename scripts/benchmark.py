@@ -7,14 +7,14 @@ Every variant is its own process (start-up counts), on the same data, model (784
 SGD settings and epochs: at batch 64, 128 and 512, each at 1 and 2 torch threads, the plain loop,
 mnist_lit's fast path (16 SGD steps per training_step call) and mnist_lit on Lightning's own loop
 (steps_per_training_step 1); then mnist_lit and the plain loop each at its own defaults (whole
-process, fit's test pass included). The variants of one repeat run back to back (every other repeat
-in reverse order) so that ratios compare runs made under the same machine conditions. Per variant it reports whole-process wall
-time, training seconds of its fastest epoch after the first (validation excluded), samples/s, time from
-launch to the first training step, peak RSS and final val accuracy, then the ratios to the plain
-loop (min and median over repeats). Optionally the textbook torchvision + DataLoader pipeline. Then:
-time to accuracy (the full default fit, then `test` on the best checkpoint), and epoch time
-with 1 or 2 torch threads, alone and beside a busy process. On a GPU machine it also runs
-bf16-mixed at batch 64, 512 and 4096.
+process, fit's test pass included). The variants of one repeat run back to back (every other
+repeat in reverse order) so that ratios compare runs made under the same machine conditions. Per
+variant it reports whole-process wall time, the training seconds of its fastest epoch after the
+first (validation excluded), samples/s, time from launch to the first training step, peak RSS and
+final val accuracy, then the ratios to the plain loop (min and median over repeats). Optionally the
+textbook torchvision + DataLoader pipeline. Then: time to accuracy (the full default fit, then
+`test` on the best checkpoint), and epoch time with 1 or 2 torch threads, alone and beside a busy
+process. On a GPU machine it also runs bf16-mixed at batch 64, 512 and 4096.
 """
 
 import argparse
