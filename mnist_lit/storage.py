@@ -28,9 +28,10 @@ def open_storage(where: str, heartbeat: int = 60) -> BaseStorage:
     for attempt in range(4):
         try:
             return RDBStorage(where, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
-        except sqlalchemy.exc.OperationalError:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
             # Workers started together on a new database race to create Optuna's tables ("table ... already
-            # exists"); once one has, the others find them.
+            # exists") and to write its schema version ("UNIQUE constraint failed: alembic_version"); once one
+            # has, the others find them.
             time.sleep(1 + attempt)
     return RDBStorage(where, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
 

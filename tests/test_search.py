@@ -157,6 +157,17 @@ def test_optuna_dashboard_serves_the_finished_study_on_loopback(finished_search:
         dashboard.wait(timeout=30)
 
 
+def test_commands_started_together_on_a_new_database_all_open_it(tmp_path: Path):
+    """Optuna's schema is created by whichever command comes first; the others race it (its tables, then its
+    version row) and must find it instead of failing. Two at a time failed about every other time before."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    opener = f"from mnist_lit.storage import open_storage; open_storage({url!r}); print('opened')"
+    openers = [subprocess.Popen([sys.executable, "-W", "ignore", "-c", opener], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [process.communicate(timeout=300) for process in openers]
+    assert [out.strip() for out, _ in outputs] == ["opened"] * 4, [err[-1500:] for _, err in outputs]
+
+
 def test_a_pruner_that_must_prune_stops_every_trial_after_its_first_epoch(tmp_path: Path, tiny_mnist: Path):
     space = space_file(tmp_path, pruner={"class_path": "optuna.pruners.ThresholdPruner",
                                          "init_args": {"lower": 1.01}})  # val/acc <= 1 < 1.01: always prune
