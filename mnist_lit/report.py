@@ -19,7 +19,9 @@ import torch
 from jsonargparse.typing import NonNegativeInt
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image, ImageDraw, ImageFont
 from torchmetrics.classification import MulticlassConfusionMatrix
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid
 
 STAGES = ("val", "test")
@@ -162,39 +164,27 @@ def digits(x: torch.Tensor) -> torch.Tensor:
 BLUES = torch.tensor([[247, 251, 255], [107, 174, 214], [8, 48, 107]], dtype=torch.float)  # light -> dark
 
 
-def font(size: int):
-    from PIL import ImageFont
-
+def font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)  # Pillow's bundled scalable font: no font files needed
-
-
-def to_tensor(picture) -> torch.Tensor:
-    """PIL RGB image -> (3, H, W) uint8, what SummaryWriter.add_image takes."""
-    return torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(
-        picture.height, picture.width, 3).permute(2, 0, 1)
 
 
 def misclassified_image(images: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor,
                         scale: int = 3) -> torch.Tensor:
     """(N, 1, 28, 28) digits -> one (3, H, W) uint8 image, 8 a row, each labelled 'predicted/true'."""
-    from PIL import Image, ImageDraw
-
     columns, cell = 8, (28 + 2) * scale  # make_grid pads 2 px around each digit
     grid = make_grid(images, nrow=columns, normalize=True).mul(255).byte()  # (3, H, W)
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # nearest-neighbour, readable pixels
-    picture = Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy())
+    picture = to_pil_image(grid)
     draw, text = ImageDraw.Draw(picture), font(8 * scale)
     for i, (p, t) in enumerate(zip(predicted.tolist(), true.tolist(), strict=True)):
         draw.text(((i % columns) * cell + 3 * scale, (i // columns) * cell + scale), f"{p}/{t}",
                   fill=(255, 69, 0), font=text)  # orangered
-    return to_tensor(picture)
+    return pil_to_tensor(picture)
 
 
 def confusion_image(matrix: torch.Tensor, classes: list[str], cell: int = 36) -> torch.Tensor:
     """(C, C) counts (true, predicted) -> (3, H, W) uint8: a heat map on a log scale, counts in the cells,
     each class's name and accuracy beside its row."""
-    from PIL import Image, ImageDraw
-
     n = len(matrix)
     per_class = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
     names = [f"{name}  {a:.1%}" for name, a in zip(classes, per_class, strict=True)]
@@ -204,17 +194,16 @@ def confusion_image(matrix: torch.Tensor, classes: list[str], cell: int = 36) ->
     picture = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(picture)
     shade = matrix.float().log1p() / max(matrix.float().log1p().max().item(), 1e-9)  # 0..1
-    colours = interpolate(BLUES, shade)  # (C, C, 3)
-    for t in range(n):
+    colours, dark = interpolate(BLUES, shade).tolist(), (shade > 0.6).tolist()  # (C, C, 3) RGB, (C, C)
+    for t, row in enumerate(matrix.tolist()):
         y = top + t * cell
         draw.text((left - 6, y + cell / 2), names[t], fill="black", font=labels, anchor="rm")
-        for p in range(n):
+        for p, count in enumerate(row):
             x = left + p * cell
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=tuple(colours[t, p].tolist()))
-            count = int(matrix[t, p])
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=tuple(colours[t][p]))
             if count:
                 draw.text((x + cell / 2, y + cell / 2), str(count), font=counts, anchor="mm",
-                          fill="white" if shade[t, p] > 0.6 else "black")
+                          fill="white" if dark[t][p] else "black")
     bottom = top + n * cell
     for p in range(n):
         draw.text((left + p * cell + cell / 2, bottom + 4), str(p), fill="black", font=labels, anchor="mt")
@@ -224,15 +213,14 @@ def confusion_image(matrix: torch.Tensor, classes: list[str], cell: int = 36) ->
     ImageDraw.Draw(side).text((n * cell / 2, 13), "true class  (per-class accuracy)", fill="black", font=title,
                               anchor="mm")
     picture.paste(side.rotate(90, expand=True), (0, top))
-    return to_tensor(picture)
+    return pil_to_tensor(picture)
 
 
 def interpolate(stops: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear colour map: x in [0, 1] (any shape) -> uint8 RGB (..., 3) between the stops."""
     position = x.clamp(0, 1) * (len(stops) - 1)
     low = position.floor().long().clamp(max=len(stops) - 2)
-    weight = (position - low).unsqueeze(-1)
-    return (stops[low] * (1 - weight) + stops[low + 1] * weight).round().byte()
+    return torch.lerp(stops[low], stops[low + 1], (position - low).unsqueeze(-1)).round().byte()
 
 
 def markdown_matrix(matrix: torch.Tensor) -> str:

@@ -249,7 +249,7 @@ class Worker(threading.Thread):
                     self.ask_lock.release()
             if not waiting_said:
                 say(f"[{self.name}] no trial left to start: waiting for the running ones to end (one whose "
-                         f"worker died fails within {3 * self.plan.heartbeat} s, and runs again)")
+                    f"worker died fails within {3 * self.plan.heartbeat} s, and runs again)")
                 waiting_said = True
             self.stop.wait(min(5, self.plan.heartbeat))
 
@@ -299,7 +299,7 @@ class Worker(threading.Thread):
         console = run.with_suffix(".log")
         console.parent.mkdir(parents=True, exist_ok=True)
         say(f"[{self.name}] trial {trial.number}: {run.relative_to(self.plan.folder)} "
-                 f"{' '.join(f'{k}={v}' for k, v in params.items())}" + (" (resumed)" if last.is_file() else ""))
+            f"{' '.join(f'{k}={v}' for k, v in params.items())}" + (" (resumed)" if last.is_file() else ""))
         started = time.perf_counter()
         with console.open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -325,7 +325,7 @@ class Worker(threading.Thread):
         value = record["metrics"]["val/acc_best"]
         if "pruned_at_epoch" in current.user_attrs:
             say(f"[{self.name}] trial {trial.number}: pruned after epoch {current.user_attrs['pruned_at_epoch']}"
-                     f", val/acc_best {value:.4f} ({wall:.0f} s)")
+                f", val/acc_best {value:.4f} ({wall:.0f} s)")
             raise optuna.TrialPruned()
         say(f"[{self.name}] trial {trial.number}: val/acc_best {value:.4f} ({wall:.0f} s)")
         return value

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,10 +84,20 @@ def test_two_nodes_under_torchrun_train_checkpoint_and_log_once(tiny_mnist: Path
         # Each node's output goes to a file, so that no node can block on a full pipe that the test is not
         # reading yet (it waits on the nodes one after the other).
         with console.open("w") as out:
-            nodes.append(subprocess.Popen([*torchrun, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT))
-    for node, console in zip(nodes, consoles, strict=True):
-        node.wait(timeout=300)
-        assert node.returncode == 0, console.read_text()[-4000:]
+            nodes.append(subprocess.Popen([*torchrun, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # its own group: torchrun and its worker
+    try:
+        for node, console in zip(nodes, consoles, strict=True):
+            node.wait(timeout=300)
+            assert node.returncode == 0, console.read_text()[-4000:]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a node did not finish within 300 s; its output: "
+                    + " | ".join(console.read_text()[-2000:] for console in consoles))
+    finally:
+        for node in nodes:  # no node (torchrun and its worker) outlives the test, whatever happened
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
     run = only_run(tmp_path / "logs")
     assert writer_processes(run) == 1
     assert sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir()) == ["best", "last.ckpt"]
