@@ -12,12 +12,16 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import lightning as L
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning itself
+DEFAULT_MODEL = "mnist_lit.model.MNISTClassifier"  # --model's default, and the class of checkpoints that name none
 
 
 class CheckpointError(RuntimeError):
@@ -57,6 +61,33 @@ def load_checkpoint(path: str) -> dict:
         raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict). "
                               "Pass a .ckpt written by mnist_lit's fit.")
     return checkpoint
+
+
+def module_config(checkpoint: dict) -> dict:
+    """``{class_path, init_args}`` of the LightningModule that wrote the checkpoint: from the run's config it
+    carries, else (a checkpoint saved from Python) from its hyperparameters."""
+    if checkpoint.get("run_config"):
+        model = yaml.safe_load(checkpoint["run_config"]).get("model") or {}
+        return model if "class_path" in model else {"class_path": DEFAULT_MODEL, "init_args": model}
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+    return {"class_path": hparams.pop("_class_path", DEFAULT_MODEL), "init_args": hparams}
+
+
+def rebuild_module(path: str) -> L.LightningModule:
+    """The checkpoint's LightningModule, built from its recorded class and arguments, with its weights."""
+    checkpoint = load_checkpoint(path)  # weights only: nothing in the file runs
+    config = module_config(checkpoint)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model", fail_untyped=False)
+    try:
+        module = parser.instantiate_classes(parser.parse_object({"model": config})).model
+    except Exception as err:  # jsonargparse's import and argument errors, the class's own
+        reason = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{path} was written by {config['class_path']}, which cannot be rebuilt here "
+                              f"({reason}). Run from where that class is importable (the repository root, or with "
+                              "its package installed).") from None
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
 
 
 def check_fits(model: nn.Module, path: str) -> None:

@@ -14,8 +14,11 @@ Every option is an ``__init__`` argument of ``MNISTClassifier`` (``--model.*``),
 from __future__ import annotations
 
 import faulthandler
+import importlib
 import json
+import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -26,12 +29,14 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mnist_lit.checkpoints import SPECIAL_CKPT_PATHS, CheckpointError, LastCheckpoint, check_fits, load_checkpoint
+from mnist_lit.checkpoints import DEFAULT_MODEL, SPECIAL_CKPT_PATHS, CheckpointError, LastCheckpoint, check_fits, load_checkpoint
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.idx import MNISTDataError
-from mnist_lit.model import MNISTClassifier, TrainingDiverged
+from mnist_lit.engine import TrainingDiverged
 from mnist_lit.optimization import OptimizationError
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TensorBoardReport
@@ -58,6 +63,90 @@ TRAINER_DEFAULTS = {
 }
 
 
+STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Parser key", "- Problem with given class_path",
+             "- Expected a <class 'NoneType'>", "- Does not validate")  # jsonargparse's scaffolding, not reasons
+
+
+def model_error(message: str) -> str | None:
+    """jsonargparse's error about ``--model`` (its class or any of its init_args, nested screens deep in subclass
+    mode) as one paragraph that names the key and the fix; None for any other error, or one it cannot read."""
+    if not message.startswith('Parser key "model":'):
+        return None
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    classes = re.findall(r"Problem with given class_path '([^']+)':", message)
+    detail = re.search(r"Problem with given class_path '[^']+':\n\s+(\S[^\n]*)", message)
+    detail = detail[1] if detail and not detail[1].startswith("Parser key") else ""
+    given = re.search(r"Given value: ([^\n]*)", message)
+    given = given and (re.search(r"val='([^']*)'", given[1]) or re.match(r"(.*)", given[1]))[1]
+    cls = classes[0] if classes else given
+    if "required" in detail:
+        return (f"--model {cls} needs arguments that neither the config nor the command line gives: "
+                f"{detail.split(': ', 1)[-1]}. Give them with --model.<name> VALUE (or under model.init_args in "
+                f"YAML); python -m mnist_lit fit --model.help {cls} lists them.")
+    if option := re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected", detail):
+        return (f"--model.{option[1] or option[2]} is not an argument of {cls}: check its spelling, or the class "
+                f"(--model); python -m mnist_lit fit --model.help {cls} lists the arguments it takes.")
+    if detail:
+        return (f"--model {cls} cannot be imported ({detail}): give the import path of a LightningModule class, e.g. "
+                "mnist_lit.model.MNISTClassifier or a subclass of it in a module importable from where you run (the "
+                "repository root, or an installed package).")
+    if not classes and "does not correspond to a subclass of LightningModule" in message:
+        return (f"--model {given} is not a LightningModule: --model takes mnist_lit.model.MNISTClassifier (the "
+                "default), a subclass of it, or any other LightningModule; a network (an nn.Module) goes in "
+                "--model.net.")
+    if len(keys) < 2:
+        return None
+    path = f"model.{keys[1]}" + "".join(f".init_args.{key}" for key in keys[2:])  # the short form users type
+    reasons = [line.strip().removeprefix("- ") for line in message.splitlines()
+               if line.strip() and not line.strip().startswith(STRUCTURE) and "Parser key" not in line]
+    if (option := re.search(r"Option '([^']+)' is not accepted", " ".join(reasons))) and classes:
+        return (f"--{path}.init_args.{option[1]} is not an argument of {classes[-1]}: check its spelling; python -m "
+                f"mnist_lit fit --{path}.help {classes[-1]} lists the arguments it takes.")
+    return f"--{path} cannot be {given.split('. Got value: ')[0]!r} (in {cls}): {'; '.join(reasons)}."
+
+
+class DroppedArguments(logging.Handler):
+    """Hears jsonargparse drop the init_args that a new ``--model`` class does not take (it does so silently, by
+    design, when a class_path changes), so that the run can say which, once."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.dropped: dict[str, list[str]] = {}  # new class -> the old class's arguments it does not take
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.match(r"Due to class_path change from '(.+?)' to '(.+?)', discarding init_args: (.*)",
+                         record.getMessage(), flags=re.S)
+        if found and self.is_module(found[1]):
+            keys = self.dropped.setdefault(found[2], [])
+            keys += [k for k in re.findall(r"'(\w+)': ", found[3]) if k not in keys]
+
+    @staticmethod
+    def is_module(class_path: str) -> bool:
+        module, _, name = class_path.rpartition(".")
+        try:
+            return issubclass(getattr(importlib.import_module(module), name), L.LightningModule)
+        except (ImportError, AttributeError, TypeError):
+            return False
+
+    def notice(self, model_class: str) -> None:
+        keys = self.dropped.get(model_class)
+        if keys and not launched_rank():
+            print(f"mnist_lit: --model {model_class} does not take {', '.join(keys)}, which the configs or defaults "
+                  "before it set for the class they named: those settings were dropped (jsonargparse keeps only "
+                  "the init_args the new class takes).", file=sys.stderr)
+
+
+class Parser(LightningArgumentParser):
+    """LightningCLI's parser, with a one-paragraph refusal of a ``--model`` class that cannot be used."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        paragraph = model_error(message)
+        if paragraph is None or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        sys.stderr.write(f"error: {paragraph}\n")
+        sys.exit(2)
+
+
 class MNISTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Two checkpoints in <run>/checkpoints/: the best by val/acc, and last.ckpt after every epoch
@@ -70,6 +159,7 @@ class MNISTCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,  # the '/' in 'val/acc' would make a sub-folder
             "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
         })
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
         parser.add_lightning_class_args(TensorBoardReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # predict: CSV + table
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -90,6 +180,10 @@ class MNISTCLI(LightningCLI):
         if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and argv[0] in self.subcommands():
             self.run_config = load_checkpoint(ckpt_path).get("run_config")
         super().parse_arguments(parser, with_run_config(argv, self.run_config) if self.run_config else args)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        for handler in parser.logger.handlers:
+            if isinstance(handler, DroppedArguments):
+                handler.notice(config.model.class_path)
         if self.run_config:
             config = self.parser.dump(self.config, skip_none=False)
             changed = changed_beside_checkpoint(self.run_config, config, self.config.subcommand)
@@ -108,7 +202,14 @@ class MNISTCLI(LightningCLI):
         check_fits(self.model, self.config[self.subcommand].get("ckpt_path") or "best")
         claim_logger_folders(self.trainer)
 
-    before_validate = before_test = before_predict = before_run
+    before_validate = before_test = before_run
+
+    def before_predict(self) -> None:
+        if not is_overridden("predict_step", self.model, L.LightningModule):  # Lightning's would call forward(batch)
+            raise MisconfigurationException(f"{type(self.model).__name__} has no predict_step, so predict cannot say what its "
+                                  "outputs are: write one that returns (images, classes) probabilities, as "
+                                  "mnist_lit.model.MNISTClassifier.predict_step does.")
+        self.before_run()
 
     def before_fit(self) -> None:
         self.before_run()
@@ -145,9 +246,11 @@ class MNISTCLI(LightningCLI):
         best_score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         if "val/acc_best" not in results and best_score is not None:  # resumed after its last epoch: no validation ran
             results["val/acc_best"] = best_score.item()
-        if self.config.fit.test_after_fit:
+        if self.config.fit.test_after_fit and not is_overridden("test_step", self.model, L.LightningModule):
+            rank_zero_info(f"mnist_lit: fit's test pass steps aside: {type(self.model).__name__} has no test_step.")
+        elif self.config.fit.test_after_fit:
             (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
-            results |= {k: test[k] for k in ("test/acc", "test/loss")}
+            results |= {k: test[k] for k in ("test/acc", "test/loss") if k in test}  # what the module logs of them
         write_results(trainer, folder, results, best, resumed_from=self.config.fit.ckpt_path)
         if trainer.is_global_zero:
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best or None}\nRun folder: {folder}")
@@ -167,11 +270,16 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
     warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
     sigint_handler = signal.getsignal(signal.SIGINT)  # before_fit replaces it for the run's duration
+    parse_log = logging.getLogger(f"mnist_lit.parse.{id(args)}")  # one per call: a test's calls hear only their own
+    parse_log.setLevel(logging.DEBUG)
+    parse_log.propagate = False
+    parse_log.handlers = [DroppedArguments()]
     try:
-        return MNISTCLI(MNISTClassifier, MNISTDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS,
+        return MNISTCLI(L.LightningModule, MNISTDataModule, subclass_mode_model=True, args=args, parser_class=Parser,
+                        trainer_defaults=TRAINER_DEFAULTS,
                         auto_configure_optimizers=False,  # --model.optimizer / --model.lr_scheduler instead
                         save_config_callback=RunConfig,
-                        parser_kwargs={"prog": "python -m mnist_lit"})
+                        parser_kwargs={"prog": "python -m mnist_lit", "logger": parse_log})
     except (MNISTDataError, CheckpointError, LogFolderError, TrainingDiverged, OptimizationError,
             MisconfigurationException) as err:
         # MisconfigurationException: Lightning refusing a combination of its own flags, in a sentence naming them

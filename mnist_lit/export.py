@@ -17,11 +17,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import instantiate_module
 from torch import nn
 
-from mnist_lit.checkpoints import CheckpointError, load_checkpoint
-from mnist_lit.model import MNISTClassifier
+from mnist_lit.checkpoints import CheckpointError, load_checkpoint, rebuild_module
+from mnist_lit.model import network
 
 TOLERANCE = 1e-5  # largest |artifact - checkpoint| accepted on the check batch
 
@@ -39,13 +38,12 @@ class PixelsToProbabilities(nn.Module):
 
 
 def from_checkpoint(path: str) -> PixelsToProbabilities:
-    """The checkpoint's network (rebuilt from its recorded class_path/init_args) with its normalization."""
-    checkpoint = load_checkpoint(path)  # weights only: nothing in the file runs
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+    """The checkpoint's network (its module rebuilt from the recorded class_path/init_args) with its
+    normalization. MNISTClassifier's is its ``net``; another module's is the module itself, its forward."""
+    checkpoint = load_checkpoint(path)
     with warnings.catch_warnings():  # "net is an nn.Module, saved twice": by design, the CLI records its class_path
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-        model = instantiate_module(MNISTClassifier, hparams)
-    model.load_state_dict(checkpoint["state_dict"])
+        model = rebuild_module(path)
     data = checkpoint.get("datamodule_hyper_parameters", {})
     stored = checkpoint.get("MNISTDataModule", {}).get("normalization")
     if stored is None and data.get("standardize"):
@@ -53,7 +51,7 @@ def from_checkpoint(path: str) -> PixelsToProbabilities:
                               "std it used (it predates mnist_lit storing them). Export a checkpoint written by a "
                               "newer run, or retrain.")
     scale, shift = stored or (1 / 255, 0.0)
-    return PixelsToProbabilities(model.net, scale, shift).eval()
+    return PixelsToProbabilities(network(model), scale, shift).eval()
 
 
 def export(module: PixelsToProbabilities, output: Path, fmt: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class PredictionWriter(L.Callback):
@@ -30,17 +31,27 @@ class PredictionWriter(L.Callback):
 
     def __init__(self, output: str | None = None, table_rows: int = 50):
         self.output, self.table_rows = output, table_rows
+        self.stepped_aside: str | None = None  # what a predict_step returned instead of probabilities
         self.rows: list[torch.Tensor] = []
         self.probabilities: list[torch.Tensor] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.rows, self.probabilities = [], []
+        self.rows, self.probabilities, self.stepped_aside = [], [], None
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        classes = len(getattr(trainer.datamodule, "classes", ()))
+        if not (isinstance(outputs, torch.Tensor) and outputs.shape == (len(batch[1]), classes)):
+            self.stepped_aside = type(outputs).__name__ if not isinstance(outputs, torch.Tensor) else \
+                f"a tensor of shape {tuple(outputs.shape)}"
+            return
         self.rows.append(batch[1].cpu())  # MNISTDataModule's predict batches carry row numbers
         self.probabilities.append(outputs.float().cpu())
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stepped_aside:
+            rank_zero_info(f"mnist_lit: predictions.csv steps aside: {type(pl_module).__name__}.predict_step returns "
+                           f"{self.stepped_aside}, not (images, classes) probabilities.")
+            return
         data = trainer.datamodule
         names, labels, classes = data.predict_names, data.predict_labels, data.classes
         rows, probabilities = torch.cat(self.rows).tolist(), torch.cat(self.probabilities)

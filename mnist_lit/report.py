@@ -41,6 +41,7 @@ class TensorBoardReport(L.Callback):
         self.confusion: dict[str, MulticlassConfusionMatrix] = {}
         self.inputs_logged, self.epoch_started, self.wrong, self.gradients_pending = False, None, [], False
         self.noticed = False  # the notice that the pictures need a TensorBoardLogger
+        self.stepped_aside: set[str] = set()  # stages whose steps return no logits: noticed once
 
     def writer(self, trainer: L.Trainer):
         """TensorBoard's SummaryWriter on rank 0, else None (no TensorBoard logger, another rank)."""
@@ -55,9 +56,7 @@ class TensorBoardReport(L.Callback):
             names = ", ".join(type(logger).__name__ for logger in trainer.loggers)
             rank_zero_info(f"mnist_lit: the TensorBoard pictures (digits, confusion matrices) need a TensorBoardLogger;"
                            f" this run logs to {names}, which get the scalars only.")
-        classes = pl_module.hparams.num_classes
-        self.confusion = {s: MulticlassConfusionMatrix(classes, validate_args=False).to(pl_module.device)
-                          for s in STAGES}
+        self.confusion = {}  # per stage, made at its first batch: as many classes as the logits have
 
     # -- training: throughput and histograms ------------------------------------------------------
 
@@ -112,11 +111,13 @@ class TensorBoardReport(L.Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self.evaluated(trainer, "test", outputs, batch, batch_idx)
 
-    def evaluated(self, trainer, stage: str, logits: torch.Tensor, batch, batch_idx: int) -> None:
-        if trainer.sanity_checking:
+    def evaluated(self, trainer, stage: str, logits, batch, batch_idx: int) -> None:
+        if trainer.sanity_checking or not self.are_logits(trainer, stage, logits, batch):
             return
         x, y = batch
         predicted = logits.argmax(1)
+        if stage not in self.confusion:
+            self.confusion[stage] = MulticlassConfusionMatrix(logits.shape[1], validate_args=False).to(logits.device)
         self.confusion[stage].update(predicted, y)
         writer = self.writer(trainer)
         if writer is None:
@@ -141,7 +142,21 @@ class TensorBoardReport(L.Callback):
     def on_test_epoch_end(self, trainer, pl_module):
         self.evaluation_done(trainer, pl_module, "test")
 
+    def are_logits(self, trainer, stage: str, outputs, batch) -> bool:
+        """Whether a validation_step / test_step returned (B, C) logits of an (images, labels) batch, as
+        MNISTClassifier's do; a module's own steps that return something else get one notice, no pictures."""
+        fits = (isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and isinstance(batch, (tuple, list))
+                and len(batch) == 2 and len(batch[1]) == len(outputs))
+        if not fits and stage not in self.stepped_aside:
+            self.stepped_aside.add(stage)
+            rank_zero_info(f"mnist_lit: the {stage} digits, confusion matrix and per-class accuracy step aside: "
+                           f"{type(trainer.lightning_module).__name__}.{stage}_step returns "
+                           f"{type(outputs).__name__}, not (B, classes) logits of an (images, labels) batch.")
+        return fits
+
     def evaluation_done(self, trainer, pl_module, stage: str) -> None:
+        if stage not in self.confusion:  # nothing was counted (no batch, or not logits)
+            return
         matrix = self.confusion[stage].compute()  # (true, predicted) counts, synced over ranks
         self.confusion[stage].reset()
         per_class = matrix.diag() / matrix.sum(1).clamp(min=1)

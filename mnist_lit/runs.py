@@ -31,6 +31,8 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from mnist_lit.checkpoints import DEFAULT_MODEL
+
 RUNS_ROOT, RUNS_NAME = "logs", "mnist"  # runs without a logger: logs/mnist/version_N
 
 
@@ -207,15 +209,19 @@ def with_run_config(argv: list[str], run_config: str) -> list[str]:
 
 
 def flatten(tree, prefix: str = "") -> dict:
+    """Dotted keys of a parsed config, in the short form of the model's: ``model.init_args.net...`` is
+    ``model.net...`` (the command line takes both)."""
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
+    key = prefix[:-1]
+    return {"model." + key[len("model.init_args."):] if key.startswith("model.init_args.") else key: tree}
 
 
 def changed_beside_checkpoint(run_config: str, config: str, subcommand: str) -> list[str]:
     """'key (value there, value here)' for every setting the user changed from the run's own config that
     is not allowed beside a checkpoint. ``config``: the whole parsed command line, dumped."""
     theirs, ours = flatten(yaml.safe_load(run_config)), flatten(yaml.safe_load(config)[subcommand])
+    theirs.setdefault("model.class_path", DEFAULT_MODEL)  # written before --model took a class: the classifier
     allowed = (*BESIDE_CHECKPOINT["all"], *BESIDE_CHECKPOINT.get(subcommand, ()))
     # Keys on one side only are another subcommand's own (test's verbose) or another class's init_args, whose
     # class_path differs too.

@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--clip-val", type=float, default=None, help="clip gradients (Trainer.gradient_clip_val)")
     parser.add_argument("--clip-algorithm", choices=["norm", "value"], default="norm")
     parser.add_argument("--accumulate", type=int, default=1, help="batches per SGD step, loss divided by it")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy's label_smoothing")
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--save", default=None, help="write the trained network's parameters (a list) here")
     parser.add_argument("--threads", type=int, default=None, help="default: PyTorch's (one per core)")
@@ -94,7 +95,7 @@ def main() -> None:
         t0 = sync()
         shuffle = torch.Generator().manual_seed(args.seed + epoch)
         for i, rows in enumerate(torch.randperm(len(train_x), generator=shuffle).to(device).split(args.batch_size)):
-            loss = F.cross_entropy(net(pixels(train_x[rows])), train_y[rows])
+            loss = F.cross_entropy(net(pixels(train_x[rows])), train_y[rows], label_smoothing=args.label_smoothing)
             (loss / args.accumulate).backward()  # gradients add up over the group
             if (i + 1) % args.accumulate and i + 1 < batches:
                 continue

@@ -15,6 +15,7 @@ from conftest import REPO, fit_args, only_run
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MLP
+from research_modules import SMOOTHING
 
 EPOCHS, BATCH = 5, 8  # tiny_mnist: 500 training rows at batch 8 = 63 batches an epoch (the last of 4), 315 in all
 TRAINER = {"clip_val": None, "clip_algorithm": "norm", "accumulate": 1}
@@ -23,13 +24,13 @@ TRAINER = {"clip_val": None, "clip_algorithm": "norm", "accumulate": 1}
 class PlainLightning(L.LightningModule):
     """Lightning's documented way: automatic optimization, one batch per ``training_step``, the loss returned."""
 
-    def __init__(self):
+    def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
-        self.net = MLP()
+        self.net, self.label_smoothing = MLP(), label_smoothing
 
     def training_step(self, batch):
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        return F.cross_entropy(self.net(x), y, label_smoothing=self.label_smoothing)
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True)
@@ -50,10 +51,11 @@ def mnist_lit_weights(data: Path, logs: Path, clip_val=None, clip_algorithm="nor
     return [t for name, t in state.items() if name.startswith("net.")], path
 
 
-def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumulate=1) -> list[torch.Tensor]:
+def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumulate=1,
+                      label_smoothing=0.0) -> list[torch.Tensor]:
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = PlainLightning()
+    model = PlainLightning(label_smoothing)
     trainer = L.Trainer(max_epochs=EPOCHS, gradient_clip_val=clip_val, gradient_clip_algorithm=clip_algorithm,
                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -61,10 +63,11 @@ def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumula
     return [p.detach() for p in model.net.parameters()]
 
 
-def plain_loop_weights(data: Path, out: Path, clip_val=None, clip_algorithm="norm", accumulate=1) -> list[torch.Tensor]:
+def plain_loop_weights(data: Path, out: Path, clip_val=None, clip_algorithm="norm", accumulate=1,
+                       label_smoothing=0.0) -> list[torch.Tensor]:
     args = [sys.executable, str(REPO / "scripts" / "plain_loop.py"), "--data-dir", str(data), "--epochs", str(EPOCHS),
             "--batch-size", str(BATCH), "--val-size", "100", "--threads", "1", "--accumulate", str(accumulate),
-            "--clip-algorithm", clip_algorithm, "--save", str(out)]
+            "--clip-algorithm", clip_algorithm, "--label-smoothing", str(label_smoothing), "--save", str(out)]
     if clip_val is not None:
         args += ["--clip-val", str(clip_val)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
@@ -104,3 +107,18 @@ def test_the_fast_path_is_exact_when_calls_do_not_divide_the_epoch(tiny_mnist: P
     assert (path, one_path) == ("fast", "lightning")
     assert_identical(five, one, "5 steps per call vs Lightning's loop")
     assert_identical(five, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt"), "5 steps per call vs plain loop")
+
+
+@pytest.mark.parametrize("steps, path", [("16", "fast"), ("1", "lightning")])
+def test_a_subclass_with_a_loss_of_its_own_is_exact_on_both_loops(tiny_mnist: Path, tmp_path: Path, steps: str,
+                                                                   path: str):
+    # research_modules.LabelSmoothing overrides only loss(): the fast path, Lightning's loop (its training_step),
+    # Lightning's documented loop and the plain loop with the same loss give the same weights, bit for bit.
+    ours, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", None, "norm", 1, "--model",
+                                   "research_modules.LabelSmoothing", "--model.steps_per_training_step", steps)
+    assert used == path
+    assert_identical(ours, lightning_weights(tiny_mnist, label_smoothing=SMOOTHING), "loss subclass vs Lightning")
+    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt", label_smoothing=SMOOTHING),
+                     "loss subclass vs plain loop")
+    cross_entropy = plain_loop_weights(tiny_mnist, tmp_path / "ce.pt")  # the template's loss: other weights
+    assert not any(torch.equal(a, b) for a, b in zip(ours, cross_entropy, strict=True))

@@ -7,7 +7,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from mnist_lit.model import checkpoint_intervals
+from mnist_lit.engine import checkpoint_intervals
 
 
 def test_the_fast_path_can_count_logging_steps_in_sgd_steps():
@@ -15,7 +15,7 @@ def test_the_fast_path_can_count_logging_steps_in_sgd_steps():
     # Public replacement, if Lightning ever offers one: a way to advance the logging step by n.
     loop = L.Trainer(logger=False).fit_loop.epoch_loop
     assert isinstance(getattr(loop, "_batches_that_stepped", None), int), (
-        "Lightning no longer has fit_loop.epoch_loop._batches_that_stepped: update MNISTClassifier.sgd_steps, "
+        "Lightning no longer has fit_loop.epoch_loop._batches_that_stepped: update mnist_lit.engine.Engine.fast_steps, "
         "or train/* curves will be plotted against training_step calls instead of SGD steps.")
 
 
@@ -34,7 +34,7 @@ def test_checkpoint_intervals_are_read_from_model_checkpoint():
     # model.checkpoint_intervals ends fast-path calls at every_n_train_steps. Public replacement: a property.
     trainer = L.Trainer(logger=False, callbacks=[ModelCheckpoint(every_n_train_steps=40), ModelCheckpoint()])
     assert checkpoint_intervals(trainer) == [40], (
-        "ModelCheckpoint._every_n_train_steps moved: update mnist_lit.model.checkpoint_intervals")
+        "ModelCheckpoint._every_n_train_steps moved: update mnist_lit.engine.checkpoint_intervals")
 
 
 def test_the_cli_merges_checkpoint_hyperparameters_in_a_hook_mnist_lit_overrides():

@@ -102,7 +102,8 @@ def test_a_search_leaves_its_tables_plots_and_a_best_config_that_fits_as_is(fini
     for plot in ("history.png", "importances.png"):
         assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
     config = yaml.safe_load((folder / "best.yaml").read_text())
-    assert config["model"]["optimizer"]["init_args"]["lr"] == best.params["model.optimizer.init_args.lr"]
+    assert config["model"]["class_path"] == "mnist_lit.model.MNISTClassifier"
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == best.params["model.optimizer.init_args.lr"]
     assert config["data"]["batch_size"] == best.params["data.batch_size"]
     assert config["trainer"]["callbacks"] is None and config["test_after_fit"] is True
     done = subprocess.run([sys.executable, "-m", "mnist_lit", "fit", "--config", str(folder / "best.yaml"),
@@ -155,6 +156,21 @@ def test_optuna_dashboard_serves_the_finished_study_on_loopback(finished_search:
     finally:
         dashboard.kill()
         dashboard.wait(timeout=30)
+
+
+def test_a_space_over_a_modules_own_init_args_searches_them(tmp_path: Path, tiny_mnist: Path):
+    focal = ["--config", str(REPO / "configs" / "experiment" / "focal.yaml")]
+    space = space_file(tmp_path, space={"model.gamma": {"type": "float", "low": 0.5, "high": 3.0}})
+    done = search(tmp_path, "focal", *focal, "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = [t for t in trials_of(tmp_path, "focal") if t.state == TrialState.COMPLETE]
+    assert len(trials) == 2
+    for trial in trials:  # each trial's fit ran the subclass with the gamma the study chose
+        config = yaml.safe_load((tmp_path / "focal" / "trials" / f"trial{trial.number}" / "config.yaml").read_text())
+        assert config["model"]["class_path"] == "mnist_lit.focal.FocalClassifier"
+        assert config["model"]["init_args"]["gamma"] == trial.params["model.gamma"]
+    done = search(tmp_path, "ce", "--space", str(space), "--trials", "1", data=tiny_mnist, epochs=1)
+    assert done.returncode != 0 and "model.gamma" in done.stderr  # the default classifier has no gamma: refused
 
 
 def test_commands_started_together_on_a_new_database_all_open_it(tmp_path: Path):
