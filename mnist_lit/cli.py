@@ -5,7 +5,8 @@
     python -m mnist_lit fit --config configs/default.yaml --print_config
     python -m mnist_lit fit --config configs/default.yaml --model.optimizer.help torch.optim.AdamW
 
-Every option is an ``__init__`` argument of ``MNISTClassifier`` (``--model.*``),
+Every option is an ``__init__`` argument of the LightningModule chosen by ``--model`` (default
+``MNISTClassifier``; any LightningModule by ``class_path``, LightningCLI's subclass mode) (``--model.*``),
 ``MNISTDataModule`` (``--data.*``), Lightning's ``Trainer`` (``--trainer.*``),
 ``ModelCheckpoint`` (``--checkpoint.*``), ``TensorBoardReport`` (``--report.*``) or
 ``PredictionWriter`` (``--predictions.*``); ``--torch_threads`` sets torch's CPU threads.
@@ -33,10 +34,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from mnist_lit.checkpoints import DEFAULT_MODEL, SPECIAL_CKPT_PATHS, CheckpointError, LastCheckpoint, check_fits, load_checkpoint
+from mnist_lit.checkpoints import (
+    DEFAULT_MODEL,
+    SPECIAL_CKPT_PATHS,
+    CheckpointError,
+    LastCheckpoint,
+    check_fits,
+    load_checkpoint,
+)
 from mnist_lit.data import MNISTDataModule
-from mnist_lit.idx import MNISTDataError
 from mnist_lit.engine import TrainingDiverged
+from mnist_lit.idx import MNISTDataError
 from mnist_lit.optimization import OptimizationError
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TensorBoardReport
@@ -63,8 +71,9 @@ TRAINER_DEFAULTS = {
 }
 
 
-STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Parser key", "- Problem with given class_path",
-             "- Expected a <class 'NoneType'>", "- Does not validate")  # jsonargparse's scaffolding, not reasons
+# The scaffolding of jsonargparse's nested errors, not reasons.
+STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Parser key",
+             "- Problem with given class_path", "- Expected a <class 'NoneType'>", "- Does not validate")
 
 
 def model_error(message: str) -> str | None:
@@ -206,9 +215,9 @@ class MNISTCLI(LightningCLI):
 
     def before_predict(self) -> None:
         if not is_overridden("predict_step", self.model, L.LightningModule):  # Lightning's would call forward(batch)
-            raise MisconfigurationException(f"{type(self.model).__name__} has no predict_step, so predict cannot say what its "
-                                  "outputs are: write one that returns (images, classes) probabilities, as "
-                                  "mnist_lit.model.MNISTClassifier.predict_step does.")
+            raise MisconfigurationException(f"{type(self.model).__name__} has no predict_step, so predict cannot say "
+                                            "what its outputs are: write one that returns (images, classes) "
+                                            "probabilities, as mnist_lit.model.MNISTClassifier.predict_step does.")
         self.before_run()
 
     def before_fit(self) -> None:

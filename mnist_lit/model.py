@@ -125,7 +125,7 @@ class MNISTClassifier(Engine):
                  lr_scheduler: ScheduleFactory | None = CosineAnnealingLR,
                  lr_scheduler_interval: Literal["step", "epoch"] | None = None, lr_scheduler_monitor: str = "val/loss",
                  finished_schedule: Literal["refuse", "restart"] = "refuse",
-                 steps_per_training_step: PositiveInt = 16, num_classes: PositiveInt = 10, compile: bool = False):
+                 steps_per_training_step: PositiveInt = 64, num_classes: PositiveInt = 10, compile: bool = False):
         super().__init__()
         # finished_schedule says how to resume, not what was trained: kept out of the checkpoint's hyperparameters,
         # which LightningCLI puts over the flags given beside --ckpt_path, so that the flag given there applies.

@@ -5,7 +5,7 @@
 
 Every variant is its own process (start-up counts), on the same data, model (784-512-256-10),
 SGD settings and epochs: at batch 64, 128 and 512, each at 1 and 2 torch threads, the plain loop,
-mnist_lit's fast path (16 SGD steps per training_step call) and mnist_lit on Lightning's own loop
+mnist_lit's fast path (64 SGD steps per training_step call) and mnist_lit on Lightning's own loop
 (steps_per_training_step 1); then mnist_lit and the plain loop each at its own defaults (whole
 process, fit's test pass included). The variants of one repeat run back to back (every other
 repeat in reverse order) so that ratios compare runs made under the same machine conditions. Per
@@ -64,9 +64,9 @@ def run_process(argv: list[str], log: Path, env: dict | None = None) -> dict:
 # framework costs weigh most.
 SETTINGS = {f"batch {batch}": (512, 256, batch) for batch in (64, 128, 512)}
 THREADS = (1, 2)
-# mnist_lit's two loops: the fast path (16 SGD steps per training_step call) and Lightning's own automatic loop
+# mnist_lit's two loops: the fast path (64 SGD steps per training_step call) and Lightning's own automatic loop
 # (one batch per call), which --model.steps_per_training_step 1 selects.
-LOOPS = {"mnist_lit fast path (16 steps/call)": ("--model.steps_per_training_step", "16"),
+LOOPS = {"mnist_lit fast path (64 steps/call)": ("--model.steps_per_training_step", "64"),
          "mnist_lit Lightning loop (1 step/call)": ("--model.steps_per_training_step", "1")}
 TEXTBOOK_SETTINGS = ("batch 128",)
 WHOLE_PROCESS_EPOCHS = 2  # the "defaults" pair: a short fit, where start-up and the test pass weigh most

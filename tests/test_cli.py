@@ -105,7 +105,8 @@ def test_help_and_print_config_name_the_real_command(capsys: pytest.CaptureFixtu
 
 @pytest.mark.parametrize("args, message", [
     (["--model.hiden", "3"], "error: --model.hiden is not an argument of mnist_lit.model.MNISTClassifier"),
-    (["--model.net.init_args.hiden", "3"], "error: --model.net.init_args.hiden is not an argument of mnist_lit.model.MLP"),
+    (["--model.net.init_args.hiden", "3"],
+     "error: --model.net.init_args.hiden is not an argument of mnist_lit.model.MLP"),
     (["--model.optimizer.init_args.lr", "abc"], "error: --model.optimizer.init_args.lr cannot be 'abc'"),
     (["--data.batch_size", "0"], 'Parser key "data.batch_size"'),
     (["--torch_threads", "0"], 'Parser key "torch_threads"'),

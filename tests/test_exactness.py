@@ -10,12 +10,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from research_modules import SMOOTHING
 
 from conftest import REPO, fit_args, only_run
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.model import MLP
-from research_modules import SMOOTHING
 
 EPOCHS, BATCH = 5, 8  # tiny_mnist: 500 training rows at batch 8 = 63 batches an epoch (the last of 4), 315 in all
 TRAINER = {"clip_val": None, "clip_algorithm": "norm", "accumulate": 1}

@@ -48,3 +48,30 @@ def test_the_cli_merges_checkpoint_hyperparameters_in_a_hook_mnist_lit_overrides
     assert "self._parse_ckpt_path()" in source and source.index("self.parse_arguments(") < source.index(
         "self._parse_ckpt_path()"), "LightningCLI no longer calls _parse_ckpt_path after parse_arguments: update " \
         "MNISTCLI._parse_ckpt_path, or flags beside --ckpt_path may again be overridden by the checkpoint"
+
+
+def test_the_fast_path_steps_the_optimizer_as_lightnings_wrapper_does(tiny_mnist: Path, tmp_path: Path):
+    # engine.Engine.step_optimizer counts each SGD step on the manual loop's progress (what global_step reads) and
+    # calls the on_before_optimizer_step hooks itself. A profiler sends the fit through Lightning's own wrapper
+    # instead: both must give the same weights, steps and hook calls. Public replacement: a cheaper wrapper.
+    import torch
+
+    from conftest import fit_args, only_run, read_events
+    from mnist_lit.cli import main
+
+    loop = L.Trainer(logger=False).fit_loop.epoch_loop
+    assert hasattr(loop.manual_optimization.optim_step_progress, "increment_completed"), (
+        "Lightning moved fit_loop.epoch_loop.manual_optimization.optim_step_progress: update "
+        "mnist_lit.engine.Engine.step_optimizer, or global_step stops counting the fast path's SGD steps")
+    runs = {}
+    for profiler in ("null", "simple"):
+        cli = main(fit_args(tiny_mnist, tmp_path / profiler, "--trainer.max_epochs", "2", "--test_after_fit", "false",
+                            "--trainer.profiler", profiler, "--report.histograms", "true"))
+        assert cli.model.loop == "fast" and cli.model.step_directly == (profiler == "null")
+        run = only_run(tmp_path / profiler)
+        assert "gradients/net.layers.1.weight" in read_events(run).Tags()["histograms"]  # the hook ran
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        runs[profiler] = (state["global_step"], state["state_dict"])
+    (steps, direct), (wrapped_steps, wrapped) = runs["null"], runs["simple"]
+    assert steps == wrapped_steps == 32
+    assert all(torch.equal(t, wrapped[k]) for k, t in direct.items() if k.startswith("net."))

@@ -14,11 +14,11 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from research_modules import OwnTrainingStep
 
 from conftest import REPO, fit_args, only_run, read_events, scalar
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
-from research_modules import OwnTrainingStep
 
 TESTS = Path(__file__).parent
 STEPS = 2 * 16  # tiny_mnist: 500 training rows at batch 32 = 16 SGD steps an epoch, two epochs
@@ -187,10 +187,11 @@ def test_a_lightning_module_of_its_own_gets_the_run_machinery(tiny_mnist: Path, 
                            "--trainer.logger.init_args.save_dir", str(tmp_path / "test")],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert scalar(read_events(only_run(tmp_path / "test")), "test/acc") == [pytest.approx(record["metrics"]["test/acc"])]
+    tested = scalar(read_events(only_run(tmp_path / "test")), "test/acc")
+    assert tested == [pytest.approx(record["metrics"]["test/acc"])]
     resume = subprocess.run([sys.executable, "-m", "mnist_lit", "fit", "--ckpt_path", last, "--torch_threads", "1",
-                             "--trainer.max_epochs", "3", "--trainer.logger.init_args.save_dir", str(tmp_path / "more")],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+                             "--trainer.max_epochs", "3", "--trainer.logger.init_args.save_dir",
+                             str(tmp_path / "more")], capture_output=True, text=True, env=ENV, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
     resumed = only_run(tmp_path / "more")
     assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 3 * 16
@@ -244,8 +245,8 @@ def test_a_checkpoint_written_before_model_took_a_class_still_tests_and_resumes(
     assert type(cli.model).__name__ == "MNISTClassifier" and cli.model.net.layers[1].out_features == 16
     test_acc = scalar(read_events(only_run(tmp_path / "t")), "test/acc")[0]
     assert test_acc > 0.9
-    cli = main(["fit", "--ckpt_path", str(old), *beside, "--trainer.max_epochs", "3", "--model.finished_schedule", "restart",
-                "--trainer.logger.init_args.save_dir", str(tmp_path / "f")])
+    cli = main(["fit", "--ckpt_path", str(old), *beside, "--trainer.max_epochs", "3", "--model.finished_schedule",
+                "restart", "--trainer.logger.init_args.save_dir", str(tmp_path / "f")])
     assert cli.trainer.global_step == 3 * 16 and cli.model.loop == "fast"
     message = pytest.raises(SystemExit, main, ["test", "--ckpt_path", str(old), *beside,
                                                "--model.net.init_args.hidden1", "32"]).value.code
