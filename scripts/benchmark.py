@@ -6,7 +6,8 @@
 Every variant is its own process (start-up counts), on the same data, model (784-512-256-10),
 SGD settings and epochs: at batch 64, 128 and 512, each at 1 and 2 torch threads, the plain loop,
 mnist_lit's fast path (64 SGD steps per training_step call) and mnist_lit on Lightning's own loop
-(steps_per_training_step 1); then mnist_lit and the plain loop each at its own defaults (whole
+(steps_per_training_step 1), and a subclass that overrides only the loss (label smoothing) beside the
+plain loop with the same loss; then mnist_lit and the plain loop each at its own defaults (whole
 process, fit's test pass included). The variants of one repeat run back to back (every other
 repeat in reverse order) so that ratios compare runs made under the same machine conditions. Per
 variant it reports whole-process wall time, the training seconds of its fastest epoch after the
@@ -68,6 +69,8 @@ THREADS = (1, 2)
 # (one batch per call), which --model.steps_per_training_step 1 selects.
 LOOPS = {"mnist_lit fast path (64 steps/call)": ("--model.steps_per_training_step", "64"),
          "mnist_lit Lightning loop (1 step/call)": ("--model.steps_per_training_step", "1")}
+# A subclass that overrides only the loss (label smoothing), on the fast path, beside the plain loop with that loss.
+SUBCLASS, SMOOTHING = "mnist_lit loss subclass, fast path", "0.1"
 TEXTBOOK_SETTINGS = ("batch 128",)
 WHOLE_PROCESS_EPOCHS = 2  # the "defaults" pair: a short fit, where start-up and the test pass weigh most
 
@@ -96,10 +99,11 @@ def textbook(data: Path, work: Path, setting: tuple, epochs: int, threads: int, 
     return result | json.loads(probe.read_text())
 
 
-def plain(data: Path, work: Path, setting: tuple, epochs: int, threads: int | None) -> dict:
+def plain(data: Path, work: Path, setting: tuple, epochs: int, threads: int | None, *extra: str) -> dict:
     h1, h2, batch = setting
     argv = [sys.executable, str(SCRIPTS / "plain_loop.py"), "--data-dir", str(data), "--epochs", str(epochs),
-            "--batch-size", str(batch), "--hidden", str(h1), str(h2), *(("--threads", str(threads)) if threads else ())]
+            "--batch-size", str(batch), "--hidden", str(h1), str(h2), *(("--threads", str(threads)) if threads else ()),
+            *extra]
     result = run_process(argv, work / "log.txt")
     lines = [json.loads(line) for line in (work / "log.txt").read_text().splitlines() if line.startswith("{")]
     epochs_ = [line for line in lines if "epoch" in line]
@@ -124,6 +128,11 @@ def variants(args: argparse.Namespace, data: Path, gpu: bool) -> dict:
             table[f"plain loop, {name}, {t} thr"] = lambda w, s=setting, t=t: plain(data, w, s, e, t)
             for loop, flags in LOOPS.items():
                 table[f"{loop}, {name}, {t} thr"] = lambda w, s=setting, t=t, f=flags: mnist_lit(data, w, s, e, t, *f)
+            table[f"plain loop, label smoothing, {name}, {t} thr"] = (
+                lambda w, s=setting, t=t: plain(data, w, s, e, t, "--label-smoothing", SMOOTHING))
+            table[f"{SUBCLASS}, {name}, {t} thr"] = (
+                lambda w, s=setting, t=t: mnist_lit(data, w, s, e, t, "--model", "bench_probe.LabelSmoothing",
+                                                    "--model.smoothing", SMOOTHING))
     # Each at its own defaults (threads: PyTorch's), the whole process: start-up, 2 epochs, and fit's test pass.
     setting = SETTINGS["batch 128"]
     table["plain loop, defaults"] = lambda w: plain(data, w, setting, WHOLE_PROCESS_EPOCHS, None)
@@ -150,6 +159,8 @@ def ratios(runs: dict, key: str) -> dict:
             for loop in LOOPS:
                 pairs[f"{loop} / plain loop, {name}, {t} thr"] = (f"{loop}, {name}, {t} thr",
                                                                   f"plain loop, {name}, {t} thr")
+            pairs[f"{SUBCLASS} / plain loop with its loss, {name}, {t} thr"] = (
+                f"{SUBCLASS}, {name}, {t} thr", f"plain loop, label smoothing, {name}, {t} thr")
     for name in TEXTBOOK_SETTINGS:
         for workers in (0, 2):
             pairs[f"textbook ({workers} workers) / mnist_lit fast path, {name}, 1 thr"] = (
