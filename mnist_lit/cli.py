@@ -279,10 +279,10 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
     warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
     sigint_handler = signal.getsignal(signal.SIGINT)  # before_fit replaces it for the run's duration
-    parse_log = logging.getLogger(f"mnist_lit.parse.{id(args)}")  # one per call: a test's calls hear only their own
+    parse_log = logging.getLogger("mnist_lit.parse")  # what jsonargparse says while it parses: heard, not shown
     parse_log.setLevel(logging.DEBUG)
     parse_log.propagate = False
-    parse_log.handlers = [DroppedArguments()]
+    parse_log.handlers = [DroppedArguments()]  # this call's own
     try:
         return MNISTCLI(L.LightningModule, MNISTDataModule, subclass_mode_model=True, args=args, parser_class=Parser,
                         trainer_defaults=TRAINER_DEFAULTS,

@@ -72,37 +72,92 @@ def test_ddp_validation_metrics_equal_a_single_process_evaluation(tiny_mnist: Pa
     assert scalar(one, "val/loss") == pytest.approx(scalar(two, "val/loss"), rel=1e-6)
 
 
+NODE_DEADLINE = 240  # s: well under torchrun's 300 s exit barrier, so a node that waits on a failed peer shows
+PEER_GRACE = 60  # s: how long one node may still run after the other has exited, before the test says so
+
+
+def torchrun_nodes(tmp_path: Path, args: list[str], nodes: int, procs: int) -> list[tuple[int, str]]:
+    """Run ``nodes`` torchrun agents of ``procs`` workers each on 127.0.0.1, all waited on at once, with
+    torchrun's own logging (LOGLEVEL=INFO, every worker's output teed under --log-dir). Returns each node's
+    (exit code, console) once all exited; fails naming the node, its exit code and its log when a node fails,
+    or when one node is still running PEER_GRACE s after another exited (torchrun's exit barrier waits 300 s
+    for a peer whose workers failed), or at NODE_DEADLINE."""
+    port, started, consoles, agents = free_port(), time.monotonic(), [], []
+    for node in range(nodes):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node",
+                   str(procs), "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "--tee", "3", "--log-dir", str(tmp_path / f"torchrun-node{node}"), "-m", "mnist_lit", *args]
+        consoles.append(tmp_path / f"node{node}.log")
+        with consoles[-1].open("w") as out:  # a file, not a pipe: no node blocks on output nobody reads yet
+            agents.append(subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                           env={**os.environ, "LOGLEVEL": "INFO", "PYTHONPATH": str(TESTS)},
+                                           start_new_session=True))  # its own group: the agent and its workers
+
+    def report(node: int) -> str:
+        return f"node {node} (exit code {agents[node].poll()}):\n{consoles[node].read_text()[-3000:]}"
+
+    first_exit = None
+    try:
+        while any(agent.poll() is None for agent in agents):
+            now = time.monotonic()
+            failed = [n for n, agent in enumerate(agents) if agent.poll() not in (None, 0)]
+            if failed:
+                pytest.fail(f"node {failed[0]} failed; " + "\n".join(report(n) for n in range(nodes)))
+            if first_exit is None and any(agent.poll() is not None for agent in agents):
+                first_exit = now
+            if first_exit is not None and now - first_exit > PEER_GRACE:
+                waiting = [n for n, agent in enumerate(agents) if agent.poll() is None]
+                pytest.fail(f"node(s) {waiting} still running {PEER_GRACE} s after another node exited 0: waiting "
+                            "at torchrun's exit barrier; " + "\n".join(report(n) for n in range(nodes)))
+            if now - started > NODE_DEADLINE:
+                pytest.fail(f"the nodes did not finish within {NODE_DEADLINE} s; "
+                            + "\n".join(report(n) for n in range(nodes)))
+            time.sleep(0.2)
+        failed = [n for n, agent in enumerate(agents) if agent.returncode != 0]
+        if failed:
+            pytest.fail(f"node {failed[0]} failed; " + "\n".join(report(n) for n in range(nodes)))
+    finally:
+        for agent in agents:  # no node (torchrun and its workers) outlives the test, whatever happened
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    return [(agent.returncode, console.read_text()) for agent, console in zip(agents, consoles, strict=True)]
+
+
 def test_two_nodes_under_torchrun_train_checkpoint_and_log_once(tiny_mnist: Path, tmp_path: Path):
-    port = free_port()
     args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(TRAINER / "multinode.yaml"),
                     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1")
-    nodes, consoles = [], [tmp_path / f"node{node}.log" for node in range(2)]
-    for node, console in enumerate(consoles):  # two "machines" on 127.0.0.1, one process each, gloo backend
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                    "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                    "-m", "mnist_lit"]
-        # Each node's output goes to a file, so that no node can block on a full pipe that the test is not
-        # reading yet (it waits on the nodes one after the other).
-        with console.open("w") as out:
-            nodes.append(subprocess.Popen([*torchrun, *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))  # its own group: torchrun and its worker
-    try:
-        for node, console in zip(nodes, consoles, strict=True):
-            node.wait(timeout=300)
-            assert node.returncode == 0, console.read_text()[-4000:]
-    except subprocess.TimeoutExpired:
-        pytest.fail("a node did not finish within 300 s; its output: "
-                    + " | ".join(console.read_text()[-2000:] for console in consoles))
-    finally:
-        for node in nodes:  # no node (torchrun and its worker) outlives the test, whatever happened
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
+    consoles = torchrun_nodes(tmp_path, args, nodes=2, procs=1)  # two "machines" on 127.0.0.1, gloo backend
+    assert all(code == 0 and "Results:" in "".join(c for _, c in consoles) for code, _ in consoles)
     run = only_run(tmp_path / "logs")
     assert writer_processes(run) == 1
     assert sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir()) == ["best", "last.ckpt"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 8  # 250 rows per node at batch 32
+
+
+def test_one_torchrun_agent_with_two_workers_trains_and_exits(tiny_mnist: Path, tmp_path: Path):
+    # One agent, so no exit barrier between agents: what a single machine's `torchrun --nproc-per-node 2` runs.
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(TRAINER / "ddp.yaml"),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1")
+    ((code, console),) = torchrun_nodes(tmp_path, args, nodes=1, procs=2)
+    assert code == 0 and "Results:" in console
+    run = only_run(tmp_path / "logs")
+    assert writer_processes(run) == 1 and (run / "metrics.json").is_file()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_a_failing_node_is_named_with_its_exit_code_and_log(tiny_mnist: Path, tmp_path: Path):
+    # Node 1's worker fails at its exit (after its results): node 0's agent would wait 300 s at the barrier.
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(TRAINER / "multinode.yaml"),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1",
+                    "--trainer.callbacks+=exit_hang.FailOnRank", "--trainer.callbacks.rank", "1")
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        torchrun_nodes(tmp_path, args, nodes=2, procs=1)
+    assert time.monotonic() - started < NODE_DEADLINE
+    message = str(failure.value)
+    assert message.startswith("node 1 failed") and "FailOnRank: rank 1 fails on purpose" in message
 
 
 def test_two_tasks_under_simulated_srun_write_one_run(tiny_mnist: Path, tmp_path: Path):

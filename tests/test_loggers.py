@@ -82,3 +82,66 @@ def test_mlflow_logger_with_a_local_sqlite_store(tiny_mnist: Path, tmp_path: Pat
     assert run.data.metrics["hp/test_acc"] == pytest.approx(record["metrics"]["test/acc"])
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
     assert run.data.params["optimizer/init_args/lr"] == "0.1"
+
+
+WANDB = "lightning.pytorch.loggers.WandbLogger"
+
+
+def outside_connections(trace: Path) -> list[str]:
+    """connect() calls in an strace log to anything but this machine (loopback, or a local socket file)."""
+    calls = [line for line in trace.read_text().splitlines() if "connect(" in line and "AF_INET" in line]
+    local = ("127.", "::1", "::ffff:127.")
+    return [c for c in calls if not any(f'inet_addr("{p}' in c or f'"{p}' in c for p in local)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the wandb extra is not installed "
+                    "(pip install -e '.[wandb]')")
+def test_wandb_logger_offline_holds_the_run_and_sends_nothing(tiny_mnist: Path, tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    strace = shutil.which("strace")
+    home = tmp_path / "wandb-home"  # W&B's settings, cache and data here, none in the user's home
+    env = {**__import__("os").environ, "WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false",
+           "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(home / "config"), "WANDB_CACHE_DIR": str(home / "cache"),
+           "WANDB_DATA_DIR": str(home / "data"), "WANDB_DIR": str(tmp_path / "logs")}
+    args = fit_args(tiny_mnist, tmp_path / "tb", "--trainer.max_epochs", "2", "--trainer.logger", WANDB,
+                    "--trainer.logger.offline", "true", "--trainer.logger.project", "mnist",
+                    "--trainer.logger.save_dir", str(tmp_path / "logs"))
+    trace = tmp_path / "connect.trace"
+    command = [sys.executable, "-m", "mnist_lit", *args]
+    if strace:  # every connect() of the run and of W&B's own service process
+        command = [strace, "-f", "-qq", "-e", "trace=connect", "-o", str(trace), *command]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    (folder,) = (tmp_path / "logs" / "mnist").iterdir()  # the run folder: <save_dir>/<project>/<run id>
+    record = assert_complete_run(folder)
+    (offline,) = (tmp_path / "logs" / "wandb").glob(f"offline-run-*-{folder.name}")
+    summary = json.loads((offline / "files" / "wandb-summary.json").read_text())
+    assert summary["hp/test_acc"] == pytest.approx(record["metrics"]["test/acc"])  # the final results
+    history = wandb_history(next(offline.glob("*.wandb")))
+    assert len([row for row in history if "val/acc" in row]) == 2  # the curves: one val/acc point per epoch
+    assert len([row for row in history if "train/loss" in row]) == 32  # log_every_n_steps 1
+    if strace:
+        assert not outside_connections(trace), outside_connections(trace)
+    else:
+        pytest.skip("strace is not installed: the run and its files were checked, not its connections")
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file, read with W&B's own record reader."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    rows = []
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
