@@ -58,6 +58,7 @@ from mnist_lit.runs import (
     ckpt_path_in,
     claim_logger_folders,
     claim_run_folder,
+    finish_loggers,
     launched_rank,
     run_folder,
     with_run_config,
@@ -261,10 +262,17 @@ class MNISTCLI(LightningCLI):
             (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results |= {k: test[k] for k in ("test/acc", "test/loss") if k in test}  # what the module logs of them
         write_results(trainer, folder, results, best, resumed_from=self.config.fit.ckpt_path)
+        finish_loggers(trainer)
         if trainer.is_global_zero:
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best or None}\nRun folder: {folder}")
 
+    def after_validate(self) -> None:
+        finish_loggers(self.trainer)
+
+    after_test = after_validate
+
     def after_predict(self) -> None:
+        finish_loggers(self.trainer)
         skipped = self.datamodule.unreadable
         if skipped:  # the readable ones were predicted and written; the exit code still says not all were
             listing = "; ".join(f"{item} ({reason})" for item, reason in skipped)

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from mnist_lit.checkpoints import DEFAULT_MODEL
 
@@ -173,6 +173,14 @@ def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, fl
               "environment": environment()}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """End the loggers' runs that need ending: a W&B run left to W&B's own exit hook is cut off (its service goes
+    first), with no exit record, so that ``wandb sync`` finds it unfinished."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
 
 
 # What a user may change beside --ckpt_path, on purpose (dotted config keys; a trailing '.' covers a group):

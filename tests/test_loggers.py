@@ -1,5 +1,5 @@
 """Every logger works by config, and every run writes config.yaml, checkpoints and metrics.json into a
-folder of its own: TensorBoard (the default, tests/test_cli.py), CSV, several at once, none, MLflow."""
+folder of its own: TensorBoard (the default, tests/test_cli.py), CSV, several at once, none, MLflow, W&B offline."""
 
 import csv
 import importlib.util
@@ -119,29 +119,40 @@ def test_wandb_logger_offline_holds_the_run_and_sends_nothing(tiny_mnist: Path, 
     (folder,) = (tmp_path / "logs" / "mnist").iterdir()  # the run folder: <save_dir>/<project>/<run id>
     record = assert_complete_run(folder)
     (offline,) = (tmp_path / "logs" / "wandb").glob(f"offline-run-*-{folder.name}")
-    summary = json.loads((offline / "files" / "wandb-summary.json").read_text())
-    assert summary["hp/test_acc"] == pytest.approx(record["metrics"]["test/acc"])  # the final results
-    history = wandb_history(next(offline.glob("*.wandb")))
+    records = list(wandb_records(offline / f"run-{folder.name}.wandb"))
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.HasField("history")]
     assert len([row for row in history if "val/acc" in row]) == 2  # the curves: one val/acc point per epoch
     assert len([row for row in history if "train/loss" in row]) == 32  # log_every_n_steps 1
+    assert [row["hp/test_acc"] for row in history if "hp/test_acc" in row] == [
+        pytest.approx(record["metrics"]["test/acc"])]  # the final results
+    (exit_,) = [r.exit for r in records if r.HasField("exit")]
+    assert exit_.exit_code == 0  # the run was finished, not cut off at exit: wandb sync takes it whole
     if strace:
+        assert "sa_family=AF_UNIX" in trace.read_text()  # strace saw the run talk to W&B's service process
         assert not outside_connections(trace), outside_connections(trace)
     else:
         pytest.skip("strace is not installed: the run and its files were checked, not its connections")
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline W&B run file, read with W&B's own record reader."""
+def wandb_records(path: Path):
+    """The records of an offline W&B run file: LevelDB's log format behind W&B's 7-byte header (':W&B', 0xBEE1,
+    version), 32 KiB blocks of chunks (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last), each record a
+    wandb_internal_pb2.Record. W&B 0.31 reads these in its Go core only, so the test reads them itself."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
-    rows = []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a chunk header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
