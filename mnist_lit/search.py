@@ -35,7 +35,15 @@ if importlib.util.find_spec("optuna") is None:
 from mnist_lit.search_report import write_grid_results, write_search_results  # noqa: E402
 from mnist_lit.search_space import SearchSpace, SearchSpaceError  # noqa: E402
 from mnist_lit.storage import quiet_optuna  # noqa: E402
-from mnist_lit.study import Plan, StudyMismatch, Worker, enqueue_grid, open_study, reap_dead_workers  # noqa: E402
+from mnist_lit.study import (  # noqa: E402
+    AskLock,
+    Plan,
+    StudyMismatch,
+    Worker,
+    enqueue_grid,
+    open_study,
+    reap_dead_workers,
+)
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         queued = enqueue_grid(study, plan)
         total = len(plan.grid_runs())
         print(f"{total} runs: {total - queued} already finished or running, {queued} to run", flush=True)
-    stop, ask_lock = threading.Event(), threading.Lock()
+    stop, ask_lock = threading.Event(), AskLock(plan.folder)
     workers = [Worker(plan, i, ask_lock, stop) for i in range(options.workers)]
     interrupted = []
 

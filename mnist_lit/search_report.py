@@ -85,10 +85,21 @@ def write_search_results(study: optuna.Study, plan: Plan) -> bool:
     """trials.csv, top.md, best.yaml and the plots; True when the study has its trials."""
     trials = study.get_trials(deepcopy=False)
     keys = [d.key for d in plan.space.dimensions]
+    resumed_by = {t.user_attrs["resumes"]: t.number for t in trials if "resumes" in t.user_attrs}
+    interrupted = {t.number for t in trials
+                   if t.state == TrialState.FAIL and not {"error", "skipped"} & t.user_attrs.keys()}
+
+    def note(t: FrozenTrial) -> str:
+        if t.number in interrupted:
+            return f"interrupted; resumed by trial {resumed_by[t.number]}" if t.number in resumed_by else \
+                "interrupted; not resumed (the study had its trials)"
+        return t.user_attrs.get("error") or (f"skipped: {t.user_attrs['skipped']}" if "skipped" in t.user_attrs
+                                             else "")
+
     rows = [{"trial": t.number, "state": t.state.name, "val/acc_best": t.value, **t.params,
              "epochs": t.user_attrs.get("epochs"), "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
              "wall_s": t.user_attrs.get("wall_s"), "run_folder": t.user_attrs.get("run_folder"),
-             "note": t.user_attrs.get("error") or t.user_attrs.get("skipped") or ""} for t in trials]
+             "note": note(t)} for t in trials]
     write_csv(plan.folder / "trials.csv", rows)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
     ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
@@ -102,7 +113,9 @@ def write_search_results(study: optuna.Study, plan: Plan) -> bool:
     span = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)).total_seconds() \
         if ended else 0.0
     summary = (f"{counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
-               f"{counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running. Wall time from the first "
+               f"{counts[TrialState.FAIL]} failed ({len(interrupted)} of them interrupted, "
+               f"{len(interrupted & resumed_by.keys())} resumed; trials.csv says which), "
+               f"{counts[TrialState.RUNNING]} running. Wall time from the first "
                f"trial's start to the last one's end: {span:.0f} s; the trials' own, added up: "
                f"{sum(t.user_attrs.get('wall_s', 0) for t in trials):.0f} s.")
     top = f"Top {TOP} of study '{plan.name}' by val/acc_best (the test set is not looked at):\n\n" + \

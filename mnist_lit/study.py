@@ -5,15 +5,18 @@ The storage holds the books, so that one resume logic serves a search and a grid
 - a trial's ``run_folder`` (``trials/trial<number>`` or ``<configuration>/seed<S>``, under the search's folder)
   names the run; a run is done once a trial of it is COMPLETE or PRUNED;
 - a run whose last trial was interrupted (Ctrl-C, a SIGKILLed worker, a machine that died) is enqueued again
-  with the same parameters, and continues from its ``last.ckpt`` when that is on this machine;
+  with the same parameters, before any new trial is sampled, and continues from its ``last.ckpt`` when that is
+  on this machine (a search: while its ``--trials`` has room for it);
 - a run that failed with an error is not retried within a command; a grid retries it on the next command;
-- ``--trials N`` counts COMPLETE and PRUNED trials. The workers of one command agree through a lock; a
-  trial that another command's worker made surplus, or a duplicate, is marked FAIL with ``skipped``.
+- ``--trials N`` counts COMPLETE and PRUNED trials. The workers of the commands on one machine take turns
+  through a lock (``AskLock``); a trial that a worker on another machine made surplus, or a duplicate, is
+  marked FAIL with ``skipped``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import itertools
 import json
@@ -159,14 +162,20 @@ def enqueue_grid(study: optuna.Study, plan: Plan) -> int:
     return queued
 
 
-def enqueue_interrupted(study: optuna.Study, trials: list[FrozenTrial]) -> None:
+def enqueue_interrupted(study: optuna.Study, trials: list[FrozenTrial], quota: int | None = None) -> None:
     """Runs whose last trial failed without an error of its own (interrupted, or its worker died): again,
-    with the same parameters, in the same run folder."""
-    for run, before in runs_of(trials).items():
+    with the same parameters, in the same run folder, oldest first, before any new trial is sampled (the
+    workers pop enqueued trials first). A search enqueues only as many as its ``--trials`` still has room for:
+    an interrupted run whose place was taken by trials that finished meanwhile stays failed."""
+    room = None if quota is None else quota - sum(t.state in (*DONE, *LIVE) for t in trials)
+    for run, before in sorted(runs_of(trials).items(), key=lambda item: min(t.number for t in item[1])):
         last = max(before, key=lambda t: t.number)
         if last.state == TrialState.FAIL and not {"error", "skipped"} & last.user_attrs.keys() \
                 and not any(t.state in (*DONE, *LIVE) for t in before):
+            if room is not None and room <= 0:
+                return
             enqueue(study, run, last.params, before)
+            room = None if room is None else room - 1
 
 
 def this_process() -> dict:
@@ -213,10 +222,30 @@ def die_with_parent() -> None:  # in the child, before exec: SIGTERM (a last.ckp
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class AskLock:
+    """One asker at a time: the workers of a command (a thread lock) and the commands on this machine that share
+    the study's folder (an ``flock`` on ``<folder>/.ask.lock``), so that two of them never enqueue the same
+    interrupted run twice, nor ask for the last place of a search together. Workers on other machines, sharing
+    a database, are not covered: there a duplicate or surplus trial is marked FAIL with ``skipped``."""
+
+    def __init__(self, folder: Path):
+        self.thread, self.path, self.file = threading.Lock(), folder / ".ask.lock", None
+
+    def acquire(self) -> None:
+        self.thread.acquire()
+        self.file = self.path.open("a")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+        self.thread.release()
+
+
 class Worker(threading.Thread):
     """Runs trials one at a time until the study is done, or ``stop`` is set."""
 
-    def __init__(self, plan: Plan, index: int, ask_lock: threading.Lock, stop: threading.Event):
+    def __init__(self, plan: Plan, index: int, ask_lock: AskLock, stop: threading.Event):
         super().__init__(name=f"worker-{index}", daemon=True)
         self.plan, self.ask_lock, self.stop = plan, ask_lock, stop
         self.index, self.errors_in_a_row, self.holding = index, 0, False
@@ -233,9 +262,9 @@ class Worker(threading.Thread):
             self.ask_lock.acquire()
             self.holding = True
             try:
-                trials = study.get_trials(deepcopy=False)
-                reap_dead_workers(study, trials)
-                enqueue_interrupted(study, trials)
+                reap_dead_workers(study, study.get_trials(deepcopy=False))
+                # Read again: the trials of dead workers are FAIL now, and so theirs runs to resume.
+                enqueue_interrupted(study, study.get_trials(deepcopy=False), self.plan.trials)
                 step = self.next_step(study.get_trials(deepcopy=False))
                 if step == "done":
                     return

@@ -3,6 +3,8 @@ engine. Real fits on tiny IDX data, a few epochs each, in separate processes as 
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -246,6 +248,47 @@ def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finish
     assert resumed[0].params == trials[0].params and resumed[0].user_attrs["run_folder"] == "trials/trial0"
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
     assert "Restoring states from the checkpoint" in (tmp_path / "k" / "trials" / "trial0.log").read_text()
+
+
+@pytest.mark.parametrize("commands", [1, 2], ids=["one-command-of-two-workers", "two-commands-started-together"])
+def test_a_sigkilled_search_resumes_its_own_trials_first_and_its_books_count_what_happened(tmp_path: Path,
+                                                                                          tiny_mnist: Path,
+                                                                                          commands: int):
+    space = space_file(tmp_path, pruner=None)
+    args = ["--space", str(space), "--trials", "3"]
+    first = search(tmp_path, "k", *args, "--workers", "2", data=tiny_mnist, epochs=15, popen=True)
+    lasts = [tmp_path / "k" / "trials" / f"trial{n}" / "checkpoints" / "last.ckpt" for n in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not all(last.is_file() for last in lasts) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(last.is_file() for last in lasts), first.communicate(timeout=30)
+    os.killpg(first.pid, signal.SIGKILL)  # the search and both trials' fits, mid-run: no handler runs anywhere
+    first.communicate(timeout=60)
+    assert [t.state for t in trials_of(tmp_path, "k")] == [TrialState.RUNNING] * 2
+
+    again = [search(tmp_path, "k", *args, "--workers", str(2 // commands), data=tiny_mnist, epochs=15, popen=True)
+             for _ in range(commands)]
+    for command in again:
+        out, err = command.communicate(timeout=600)
+        assert command.returncode == 0, out[-3000:] + err[-3000:]
+    trials = trials_of(tmp_path, "k")
+    states = [t.state for t in trials]
+    # FAIL marks the two interruptions, once each; nothing is left waiting or running.
+    assert states.count(TrialState.FAIL) == 2 and trials[0].state == trials[1].state == TrialState.FAIL
+    assert TrialState.WAITING not in states and TrialState.RUNNING not in states
+    resumed = {t.user_attrs["resumes"]: t for t in trials if "resumes" in t.user_attrs}
+    assert sorted(resumed) == [0, 1]  # each interrupted run resumed, once, in its own folder, from its checkpoint
+    for number, copy in resumed.items():
+        assert copy.state == TrialState.COMPLETE and copy.params == trials[number].params
+        assert copy.user_attrs["run_folder"] == f"trials/trial{number}"
+        assert "Restoring states from the checkpoint" in (tmp_path / "k" / "trials" / f"trial{number}.log").read_text()
+    fresh = [t for t in trials[2:] if "resumes" not in t.user_attrs]
+    assert [t.state for t in fresh] == [TrialState.COMPLETE]  # the third place: sampled after both resumed
+    assert fresh[0].number > max(t.number for t in resumed.values())
+    top = (tmp_path / "k" / "top.md").read_text()
+    assert "3 complete, 0 pruned, 2 failed (2 of them interrupted, 2 resumed" in top
+    notes = {int(r["trial"]): r["note"] for r in read_csv(tmp_path / "k" / "trials.csv")}
+    assert notes[0] == f"interrupted; resumed by trial {resumed[0].number}" and notes[fresh[0].number] == ""
 
 
 @pytest.mark.parametrize("dimension, named", [
