@@ -135,7 +135,7 @@ class Engine(L.LightningModule):
     """
 
     optimizer_factory = schedule_factory = schedule_interval = None
-    schedule_monitor, finished_schedule, steps_per_training_step = "val/loss", "refuse", 16
+    schedule_monitor, finished_schedule, steps_per_training_step = "val/loss", "refuse", 64
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
