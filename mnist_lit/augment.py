@@ -3,8 +3,11 @@
     python -m mnist_lit fit --config configs/default.yaml --config configs/experiment/mlp_99.yaml
 
 ``RandomAffine`` rotates, scales, shears and shifts each image of a batch by its own random amount
-with one ``affine_grid`` + ``grid_sample`` call. ``MNISTDataModule(augment=...)`` applies it to
-training batches only, before normalization (so the background it fills in is black).
+with one ``affine_grid`` + ``grid_sample`` call; ``ElasticDeformation`` bends each by its own smooth
+random displacement field (Simard et al. 2003); ``Compose`` applies several in turn.
+``MNISTDataModule(augment=...)`` applies them to training batches only, before normalization (so the
+background they fill in is black). Each draws from the generator it is given, which the data module
+seeds per (run, epoch, batch, rank), so that a resumed run draws the same transforms.
 """
 
 from __future__ import annotations
@@ -13,10 +16,35 @@ import math
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeFloat
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat
 
 
-class RandomAffine:
+class BatchAugment:
+    """A random transform of a training batch: (B, H, W) float pixel values 0..255 on their device and a seeded
+    CPU generator -> the transformed batch. Subclass it (and give every option a typed ``__init__`` argument) to
+    choose yours with ``--data.augment``."""
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Compose(BatchAugment):
+    """Several augmentations in turn, each drawing from the same generator after the one before it.
+
+    Args:
+        augments: the augmentations, in the order they apply (e.g. ``ElasticDeformation`` then ``RandomAffine``).
+    """
+
+    def __init__(self, augments: list[BatchAugment]):
+        self.augments = augments
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        for augment in self.augments:
+            images = augment(images, generator)
+        return images
+
+
+class RandomAffine(BatchAugment):
     """Per-image random affine transform of a (B, H, W) batch of pixel values, bilinear, zero fill.
 
     Each image gets an angle in [-degrees, degrees], a scale in [1 - scale, 1 + scale], a horizontal
@@ -51,3 +79,49 @@ class RandomAffine:
                              torch.stack([sin, cos + sin * tan, shift_y], 1)], 1)  # (B, 2, 3)
         grid = F.affine_grid(theta, [batch, 1, height, width], align_corners=False)
         return F.grid_sample(images.unsqueeze(1), grid, align_corners=False).squeeze(1)
+
+
+class ElasticDeformation(BatchAugment):
+    """Simard, Steinkraus and Platt 2003's elastic distortion of each image of a (B, H, W) batch: a displacement
+    field per image, uniform in [-1, 1] per pixel and axis, smoothed by a Gaussian of width ``sigma`` and
+    multiplied by ``alpha``, moves every pixel (bilinear sampling, zero fill). Built for the whole batch at
+    once on its device: one draw, one blur, one ``grid_sample``.
+
+    Args:
+        alpha: scale of the smoothed field, in pixels; 0 is the identity (Simard: 34 for 28x28 digits).
+        sigma: width of the Gaussian that smooths the field, in pixels (Simard: 4); smaller is more local.
+    """
+
+    def __init__(self, alpha: NonNegativeFloat = 34.0, sigma: PositiveFloat = 4.0):
+        self.alpha, self.sigma = alpha, sigma
+        radius = math.ceil(3 * sigma)  # +-3 sigma: the Gaussian's mass beyond is 0.3 %
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        self.taps = taps / taps.sum()  # (2 radius + 1,) the normalized 1-D Gaussian
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch, height, width = images.shape
+        field = (torch.rand(batch, 2, height, width, generator=generator) * 2 - 1).to(images.device)
+        return self.warp(images, self.smooth(field) * self.alpha)
+
+    def smooth(self, field: torch.Tensor) -> torch.Tensor:
+        """(B, 2, H, W) -> the same, Gaussian-blurred with zero padding, as two matrix products: ``K_H @ field @
+        K_W^T`` with K the banded (n, n) matrix of the 1-D Gaussian's taps. On 28x28 that is ~16x faster than two
+        1-D convolutions, and torchvision's gaussian_blur (the 2-D kernel) is slower still."""
+        height, width = field.shape[-2:]
+        return self.band(height, field) @ field @ self.band(width, field).T
+
+    def band(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        radius, i = len(self.taps) // 2, torch.arange(n)
+        offset = i[:, None] - i[None, :]  # (n, n): how far input j is from output i
+        return (self.taps[offset.clamp(-radius, radius) + radius] * (offset.abs() <= radius)).to(like)
+
+    @staticmethod
+    def warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) images, each pixel (y, x) of the result read at (y + field[:, 1], x + field[:, 0]) of its input;
+        ``field`` (B, 2, H, W) in pixels."""
+        batch, height, width = images.shape
+        ys, xs = torch.meshgrid(torch.arange(height, device=images.device, dtype=images.dtype),
+                                torch.arange(width, device=images.device, dtype=images.dtype), indexing="ij")
+        # grid_sample's coordinates are -1..1 across the pixel centres (align_corners=True)
+        grid = torch.stack([(xs + field[:, 0]) * 2 / (width - 1) - 1, (ys + field[:, 1]) * 2 / (height - 1) - 1], -1)
+        return F.grid_sample(images.unsqueeze(1), grid, align_corners=True).squeeze(1)  # grid: (B, H, W, 2)

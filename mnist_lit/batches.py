@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mnist_lit.augment import RandomAffine
+from mnist_lit.augment import BatchAugment
 
 
 class ShardedShuffle:
@@ -67,7 +67,7 @@ class InMemoryBatches:
     batch_sampler = None  # Lightning inspects loader.sampler (set_epoch) and loader.batch_sampler
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: ShardedShuffle,
-                 scale: float, shift: float, augment: RandomAffine | None = None):
+                 scale: float, shift: float, augment: BatchAugment | None = None):
         self.images, self.labels, self.batch_size, self.sampler = images, labels, batch_size, sampler
         self.scale, self.shift, self.augment = scale, shift, augment
         self.batches_done, self.resume = 0, None  # (epoch, batches) to skip after a mid-epoch restore

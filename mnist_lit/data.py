@@ -24,7 +24,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 
-from mnist_lit.augment import RandomAffine
+from mnist_lit.augment import BatchAugment
 from mnist_lit.batches import InMemoryBatches, ShardedShuffle
 from mnist_lit.idx import DATASETS, IDXDataset, MNISTDataError, find_idx, read_split
 from mnist_lit.images import load_images
@@ -49,7 +49,8 @@ class MNISTDataModule(L.LightningDataModule):
         eval_batch_size: batch size for validation, test and predict (no gradients: larger is faster).
         standardize: subtract the training-set mean and divide by its std after scaling to [0, 1].
         augment: a transform of training batches ``(B, 28, 28)`` pixel values, applied on their device
-            before normalization, e.g. ``mnist_lit.augment.RandomAffine``; None trains on the images as they are.
+            before normalization, e.g. ``mnist_lit.augment.RandomAffine``, ``ElasticDeformation`` or a ``Compose``
+            of them; None trains on the images as they are.
         predict_images: a file, glob or folder of the user's own pictures (PNG, JPEG, ...), or a list of them
             (``[a.png, 'b/*.jpg', c/]``), for ``predict``, prepared like MNIST digits (``mnist_lit.images``);
             None predicts the t10k test set.
@@ -59,7 +60,7 @@ class MNISTDataModule(L.LightningDataModule):
                  data_dir: str = "data", download: bool = True, verify_checksums: bool = True,
                  val_size: int = 5000, split_seed: int = 0, batch_size: PositiveInt = 128,
                  eval_batch_size: PositiveInt = 1000, standardize: bool = False,
-                 augment: RandomAffine | None = None, predict_images: list[str] | str | None = None):
+                 augment: BatchAugment | None = None, predict_images: list[str] | str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.dataset = DATASETS[dataset] if isinstance(dataset, str) else dataset

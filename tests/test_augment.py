@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO, fit_args, only_run, write_mnist
-from mnist_lit.augment import RandomAffine
+from mnist_lit.augment import Compose, ElasticDeformation, RandomAffine
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 
@@ -73,9 +73,12 @@ def test_only_training_batches_are_augmented_and_each_epoch_draws_anew(tmp_path:
     assert not torch.equal(first[0], later[0])
 
 
-def test_a_resumed_epoch_draws_the_same_transforms(tmp_path: Path):
+@pytest.mark.parametrize("augment", [RandomAffine(), ElasticDeformation(),
+                                     Compose([ElasticDeformation(), RandomAffine()])],
+                         ids=["affine", "elastic", "elastic-then-affine"])
+def test_a_resumed_epoch_draws_the_same_transforms(tmp_path: Path, augment):
     data = MNISTDataModule(data_dir=str(write_mnist(tmp_path)), val_size=100, verify_checksums=False,
-                           batch_size=50, augment=RandomAffine())
+                           batch_size=50, augment=augment)
     data.setup("fit")
     loader = data.train_dataloader()
     loader.sampler.set_epoch(3)
@@ -98,3 +101,44 @@ def test_the_99_percent_recipe_composes_with_the_default_and_trains_with_augment
     assert weights["net.layers.3.weight"].shape == (1024, 1024)  # two hidden layers, both 1024 wide
     assert [k for k in weights if k.endswith("weight")] == ["net.layers.1.weight", "net.layers.3.weight",
                                                              "net.layers.5.weight"]
+
+
+def test_a_known_displacement_field_moves_each_pixel_where_it_says():
+    images = blobs(2)  # ink in rows 10..17, columns 11..16
+    field = torch.zeros(2, 2, 28, 28)
+    field[0, 0] = 2.0  # image 0: every pixel reads 2 px to its right: the ink moves 2 px left
+    field[1, 1] = -3.0  # image 1: every pixel reads 3 px above: the ink moves 3 px down
+    out = ElasticDeformation.warp(images, field)
+    assert torch.equal(out[0, 10:18, 9:15], images[0, 10:18, 11:17]) and out[0, :, 15:].sum() == 0
+    assert torch.equal(out[1, 13:21, 11:17], images[1, 10:18, 11:17]) and out[1, :13].sum() == 0
+    half = torch.zeros(1, 2, 28, 28)
+    half[0, 0] = 0.5  # between two pixels: bilinear, half of each
+    torch.testing.assert_close(ElasticDeformation.warp(images[:1], half)[0, 12, 10:12], torch.tensor([127.5, 255.0]))
+
+
+def test_elastic_alpha_zero_is_the_identity_and_the_fields_are_smooth_and_seeded():
+    images = torch.rand(8, 28, 28) * 255
+    same = ElasticDeformation(alpha=0)(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(same, images, atol=1e-3, rtol=0)
+    elastic = ElasticDeformation(alpha=34, sigma=4)
+    a, b = (elastic(images, torch.Generator().manual_seed(s)) for s in (0, 0))
+    assert torch.equal(a, b) and not torch.equal(a, elastic(images, torch.Generator().manual_seed(1)))
+    raw = torch.rand(8, 2, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    field = elastic.smooth(raw) * 34
+    step = (field[..., 1:] - field[..., :-1]).abs().mean() / field.abs().mean()  # neighbours move together
+    assert step < 0.3 < (raw[..., 1:] - raw[..., :-1]).abs().mean() / raw.abs().mean()
+    assert 0.5 < field.abs().mean() < 3 and field.abs().max() < 10  # a few pixels, as Simard's alpha 34, sigma 4
+
+
+def test_elastic_and_affine_compose_by_config_and_train(tiny_mnist: Path, tmp_path: Path):
+    config = tmp_path / "elastic.yaml"
+    config.write_text("data:\n  augment:\n    class_path: mnist_lit.augment.Compose\n    init_args:\n      augments:\n"
+                      "        - class_path: mnist_lit.augment.ElasticDeformation\n          init_args: {alpha: 20}\n"
+                      "        - class_path: mnist_lit.augment.RandomAffine\n")
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2")
+    args[3:3] = ["--config", str(config)]
+    cli = main(args)
+    composed = cli.datamodule.augment
+    assert [type(a).__name__ for a in composed.augments] == ["ElasticDeformation", "RandomAffine"]
+    assert composed.augments[0].alpha == 20
+    assert "mnist_lit.augment.ElasticDeformation" in (only_run(tmp_path / "logs") / "config.yaml").read_text()
