@@ -99,13 +99,13 @@ def recorded(training_step):
     """A subclass's own ``training_step``, unchanged, whose returned loss also feeds train/loss (Lightning's loop)."""
     @functools.wraps(training_step)  # keeps the signature Lightning inspects (batch, batch_idx, dataloader_iter)
     def step(self, *args, **kwargs):
-        self.inside_own_step = True
+        outer, self.inside_own_step = not self.inside_own_step, True  # a subclass's step may call its parent's
         try:
             output = training_step(self, *args, **kwargs)
         finally:
-            self.inside_own_step = False
+            self.inside_own_step = not outer
         loss = output.get("loss") if isinstance(output, Mapping) else output
-        if self.loop == "lightning" and isinstance(loss, torch.Tensor) and args:
+        if outer and self.loop == "lightning" and isinstance(loss, torch.Tensor) and args:  # once, what it returns
             self.record(loss, None, None, batch_size(args[0]))
         return output
     step.engine_wrapped = True
@@ -152,6 +152,7 @@ class Engine(L.LightningModule):
         self.user_automatic = None  # what the module set automatic_optimization to, if it did
         self.engine_ran: set[str] = set()
         self.inside_own_step = False
+        self.logs_own_loss = False  # the module's own training_step logs train/loss itself (Engine.log)
         # This epoch's (logits or None, targets or None, losses, batch sizes), counted into the training metrics at
         # its end: a metric update or self.log costs ~0.3-1 ms, a tenth of a small model's SGD step.
         self.train_outputs: list[tuple] = []
@@ -348,7 +349,15 @@ class Engine(L.LightningModule):
         """Lightning's loop: once per SGD step (after all batches of an accumulation), its train/loss point."""
         self.engine_ran.add("on_before_optimizer_step")
         if self.loop == "lightning" and self.last_loss is not None:
-            self.log_step_points(self.last_loss, [optimizer.param_groups[0]["lr"]], first=self.global_step)
+            self.log_step_points(self.last_loss, [optimizer.param_groups[0]["lr"]], first=self.global_step,
+                                 with_loss=not self.logs_own_loss)
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        """Lightning's ``self.log``. A training_step of the module's own that logs ``train/loss`` itself keeps that
+        curve; the engine then writes only ``train/lr`` at each step, so that no step has two loss points."""
+        if self.inside_own_step and name == "train/loss":
+            self.logs_own_loss = True
+        super().log(name, value, *args, **kwargs)
 
     # -- the fast path: several SGD steps per call -------------------------------------------------------
 
@@ -428,19 +437,20 @@ class Engine(L.LightningModule):
             "last good checkpoint with a lower one: python -m mnist_lit fit --ckpt_path <this run>/checkpoints/"
             "last.ckpt --model.optimizer.init_args.lr 0.01.")
 
-    def log_step_points(self, losses: torch.Tensor, lrs: list[float], first: int) -> None:
+    def log_step_points(self, losses: torch.Tensor, lrs: list[float], first: int, with_loss: bool = True) -> None:
         """train/loss and train/lr of the SGD steps ``first``, ``first + 1``, ... (one per loss) whose number is a
         multiple of log_every_n_steps, where Lightning's loop puts them; to every logger (rank 0)."""
         every = self.trainer.log_every_n_steps
         due = [i for i in range(len(losses)) if every and (first + i + 1) % every == 0]
-        if due:
+        if due and with_loss:
             # The progress bar's value (batch_size: no mean over batches is taken, Lightning only asks for one).
             self.log("train/loss", losses[due[-1]], prog_bar=True, logger=False, batch_size=1)
         if not due or not self.trainer.is_global_zero:
             return
         for i in due:
+            points = {"train/loss": losses[i].item(), "train/lr": lrs[i]} if with_loss else {"train/lr": lrs[i]}
             for logger in self.loggers:
-                logger.log_metrics({"train/loss": losses[i].item(), "train/lr": lrs[i]}, step=first + i)
+                logger.log_metrics(points, step=first + i)
 
     def on_train_epoch_end(self) -> None:
         """On the fast path, a per-epoch schedule's step (Lightning's loop steps it itself, after this hook); then

@@ -35,6 +35,15 @@ class OwnTrainingStep(MNISTClassifier):
         return loss
 
 
+class OwnTrainingStepThatLogs(OwnTrainingStep):
+    """The same, logging its loss itself, as Lightning's docs show."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+
 class ManualOptimization(MNISTClassifier):
     """Lightning's manual-optimization idiom: automatic_optimization = False and its own loop."""
 

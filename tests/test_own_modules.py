@@ -88,6 +88,19 @@ def test_its_own_training_step_trains_with_its_loss_in_lightnings_loop(smoothed,
     assert len(scalar(events, "train/loss_epoch")) == 2 and "train/acc" not in events.Tags()["scalars"]
 
 
+def test_its_own_training_step_that_logs_its_loss_gets_one_point_a_step(tiny_mnist: Path, tmp_path: Path):
+    # Lightning's documented step: self.log("train/loss", loss). The engine must not add a second point per step.
+    cli = fit(tiny_mnist, tmp_path / "logs", "OwnTrainingStepThatLogs")
+    events = read_events(only_run(tmp_path / "logs"))
+    assert cli.trainer.global_step == STEPS and len(cli.model.seen) == STEPS
+    assert scalar(events, "train/loss") == pytest.approx(cli.model.seen, abs=1e-6)  # its own points, once each
+    assert len(scalar(events, "train/lr")) == STEPS
+    sizes = [32] * 15 + [20]  # 500 rows at batch 32: each epoch's mean weighs the last, shorter batch less
+    means = [sum(n * loss for n, loss in zip(sizes, cli.model.seen[e * 16:(e + 1) * 16], strict=True)) / 500
+             for e in range(2)]
+    assert scalar(events, "train/loss_epoch") == pytest.approx(means, rel=1e-5)  # each step counted once
+
+
 def test_its_own_training_step_trains_from_python_too(tiny_mnist: Path):
     # The case: a plain Trainer, max_epochs 1, no CLI. It used to run training_step 430 times and step 0 times.
     torch.set_num_threads(1)
