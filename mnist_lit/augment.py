@@ -125,3 +125,22 @@ class ElasticDeformation(BatchAugment):
         # grid_sample's coordinates are -1..1 across the pixel centres (align_corners=True)
         grid = torch.stack([(xs + field[:, 0]) * 2 / (width - 1) - 1, (ys + field[:, 1]) * 2 / (height - 1) - 1], -1)
         return F.grid_sample(images.unsqueeze(1), grid, align_corners=True).squeeze(1)  # grid: (B, H, W, 2)
+
+
+class ElasticAffine(Compose):
+    """``ElasticDeformation`` then ``RandomAffine`` (Simard 2003's and Cireşan 2010's distortions), with every
+    strength a flat argument, so that a search space or the command line reaches each one
+    (``--data.augment.init_args.alpha 30``), which the list inside ``Compose`` does not allow. The same draws as
+    ``Compose([ElasticDeformation(alpha, sigma), RandomAffine(degrees, translate, scale)])``.
+
+    Args:
+        alpha: scale of the elastic field, in pixels; 0: no elastic deformation.
+        sigma: width of the Gaussian that smooths the field, in pixels.
+        degrees: largest rotation, in degrees.
+        translate: largest shift along x and along y, in pixels.
+        scale: largest relative zoom in or out.
+    """
+
+    def __init__(self, alpha: NonNegativeFloat = 34.0, sigma: PositiveFloat = 4.0, degrees: NonNegativeFloat = 10.0,
+                 translate: NonNegativeFloat = 2.0, scale: NonNegativeFloat = 0.1):
+        super().__init__([ElasticDeformation(alpha, sigma), RandomAffine(degrees, translate, scale)])

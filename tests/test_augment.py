@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO, fit_args, only_run, write_mnist
-from mnist_lit.augment import Compose, ElasticDeformation, RandomAffine
+from mnist_lit.augment import Compose, ElasticAffine, ElasticDeformation, RandomAffine
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 
@@ -142,3 +142,17 @@ def test_elastic_and_affine_compose_by_config_and_train(tiny_mnist: Path, tmp_pa
     assert [type(a).__name__ for a in composed.augments] == ["ElasticDeformation", "RandomAffine"]
     assert composed.augments[0].alpha == 20
     assert "mnist_lit.augment.ElasticDeformation" in (only_run(tmp_path / "logs") / "config.yaml").read_text()
+
+
+def test_elastic_affine_draws_as_its_compose_and_each_strength_is_a_flat_cli_argument(tiny_mnist: Path,
+                                                                                      tmp_path: Path):
+    images = torch.rand(16, 28, 28) * 255
+    flat = ElasticAffine(alpha=20, sigma=5, degrees=12, translate=1.5, scale=0.05)
+    composed = Compose([ElasticDeformation(20, 5), RandomAffine(12, 1.5, 0.05)])
+    a, b = (augment(images, torch.Generator().manual_seed(3)) for augment in (flat, composed))
+    assert torch.equal(a, b) and not torch.equal(a, images)
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1", "--data.augment",
+                    "mnist_lit.augment.ElasticAffine", "--data.augment.init_args.alpha", "12",
+                    "--data.augment.init_args.degrees", "0")
+    augments = main(args).datamodule.augment.augments
+    assert (augments[0].alpha, augments[0].sigma, augments[1].degrees, augments[1].translate) == (12, 4, 0, 2)

@@ -175,6 +175,31 @@ def test_a_space_over_a_modules_own_init_args_searches_them(tmp_path: Path, tiny
     assert done.returncode != 0 and "model.gamma" in done.stderr  # the default classifier has no gamma: refused
 
 
+def test_the_993_space_searches_the_distortions_widths_and_schedule_of_each_trials_fit(tmp_path: Path,
+                                                                                         tiny_mnist: Path):
+    """configs/search/mlp_993.yaml with the base configs and arguments scripts/search_993.py gives it."""
+    base = ["--config", str(REPO / "configs" / "experiment" / "mlp_99.yaml")]
+    space = yaml.safe_load((REPO / "configs" / "search" / "mlp_993.yaml").read_text())
+    space["pruner"] = None  # two epochs of tiny data: nothing to prune
+    path = tmp_path / "mlp_993.yaml"
+    path.write_text(yaml.safe_dump(space))
+    done = search(tmp_path, "s993", *base, "--space", str(path), "--trials", "2", data=tiny_mnist, epochs=1,
+                  fit=[*FIT, "--data.augment", "mnist_lit.augment.ElasticAffine"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = [t for t in trials_of(tmp_path, "s993") if t.state == TrialState.COMPLETE]
+    assert len(trials) == 2 and trials[0].params != trials[1].params
+    for trial in trials:
+        config = yaml.safe_load((tmp_path / "s993" / "trials" / f"trial{trial.number}" / "config.yaml").read_text())
+        augment, model = config["data"]["augment"], config["model"]["init_args"]
+        assert augment["class_path"] == "mnist_lit.augment.ElasticAffine"
+        for key, value in trial.params.items():  # every searched value reached the fit, under its own name
+            node = config
+            for part in key.split("."):  # short keys skip init_args, as jsonargparse lets them
+                node = node[part] if part in node else node["init_args"][part]
+            assert (node["class_path"] if isinstance(node, dict) else node) == value, key
+        assert model["net"]["class_path"] == "mnist_lit.model.MLP"  # still two hidden layers
+
+
 def test_commands_started_together_on_a_new_database_all_open_it(tmp_path: Path):
     """Optuna's schema is created by whichever command comes first; the others race it (its tables, then its
     version row) and must find it instead of failing. Two at a time failed about every other time before."""
