@@ -198,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         while worker.is_alive():
             worker.join(0.5)
     wall = time.perf_counter() - started
-    study = open_study(plan)
+    try:
+        study = open_study(plan)
+    except StudyMismatch as err:  # a --config file edited while the trials ran: later trials read the new one
+        sys.exit(f"error: a file this command was given changed while it ran ({' '.join(str(err).split())}) The "
+                 "runs that started after the change read the new file, so this study may mix two configurations, "
+                 "and its tables were not written. If the change cannot matter to a run (a comment), put the file "
+                 "back as it was and run the same command again to write them (finished runs are kept); otherwise "
+                 "start a new --name. Each run's config.yaml shows what it ran with.")
     ok = write_grid_results(study, plan) if plan.grid is not None else write_search_results(study, plan)
     print(f"This command's wall time: {wall:.0f} s")
     if interrupted:

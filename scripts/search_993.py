@@ -4,12 +4,12 @@
   1. proxies: configs/search/mlp_993.yaml, 12-epoch fits with median pruning, 2 workers (one thread each);
   2. the best few at full length: the proxy study's top --finalists by val/acc_best, each at each of --epochs,
      two at a time, scored on val alone (no test pass);
-  3. the configs that came out of it, configs/experiment/mlp_993.yaml (the best of step 2, with its epochs
-     stretched to what a 15-minute fit holds) and mlp_990.yaml (the fastest to 99.0 %), each over seeds 0 1 2,
+  3. the configs that came out of it, configs/experiment/mlp_993.yaml (the best of step 2, at its length) and
+     mlp_990.yaml (the best proxy, at its 12 epochs: the fastest past 99.0 %), each over seeds 0 1 2,
      one at a time with 2 torch threads (the whole machine, as on a researcher's own): the test set is read here
      alone, once per run.
 
-    python scripts/search_993.py              # about 2 hours on 2 cores; a finished study is not trained again
+    python scripts/search_993.py              # about 45 minutes on 2 cores; a finished study is not trained again
     python scripts/search_993.py --only-docs  # rewrite the figures from the studies' own tables
 
 Run again, a finished study only rewrites its tables, so the figures can be regenerated without training.
@@ -37,12 +37,17 @@ PROXY_EPOCHS = 12
 RECIPES = {"mlp993": "configs/experiment/mlp_993.yaml", "mlp990": "configs/experiment/mlp_990.yaml"}
 
 
-def search(*args: str, wait: bool = True):
+def search(*args: str, wait: bool = True) -> subprocess.Popen:
     command = [sys.executable, "-m", "mnist_lit.search", *args]
     print("+", " ".join(command), flush=True)
     child = subprocess.Popen(command, cwd=REPO)
-    if wait and child.wait() != 0:
-        sys.exit(f"search_993: {' '.join(command)} failed (exit {child.returncode})")
+    return finish(child) if wait else child
+
+
+def finish(child: subprocess.Popen) -> subprocess.Popen:
+    if child.wait() != 0:
+        sys.exit(f"search_993: {' '.join(child.args)} failed (exit {child.returncode}); its runs' logs are under "
+                 "logs/search/")
     return child
 
 
@@ -67,17 +72,15 @@ def long_name(trial: dict) -> str:
 
 def run_long(finalist_trials: list[dict], epochs: list[int]) -> None:
     """Each finalist over every --epochs, as a grid of one seed (seed 0), two studies at a time."""
-    lanes = []
+    running = []
     for trial in finalist_trials:
         grid = "trainer.max_epochs=" + ",".join(map(str, epochs))
-        lanes.append(search("--name", long_name(trial), *BASE, "--grid", grid, "--seeds", "0", "--workers", "1",
-                            "--", *AUGMENT, *DATA, *values(trial), "--test_after_fit", "false", wait=False))
-        if len(lanes) == 2:
-            if lanes.pop(0).wait() != 0:
-                sys.exit("search_993: a full-length run failed; see its log under logs/search/")
-    for lane in lanes:
-        if lane.wait() != 0:
-            sys.exit("search_993: a full-length run failed; see its log under logs/search/")
+        running.append(search("--name", long_name(trial), *BASE, "--grid", grid, "--seeds", "0", "--workers", "1",
+                              "--", *AUGMENT, *DATA, *values(trial), "--test_after_fit", "false", wait=False))
+        if len(running) == 2:
+            finish(running.pop(0))
+    for child in running:
+        finish(child)
 
 
 def long_rows(finalist_trials: list[dict]) -> list[dict]:
@@ -85,7 +88,7 @@ def long_rows(finalist_trials: list[dict]) -> list[dict]:
     for trial in finalist_trials:
         for row in csv.DictReader((ROOT / long_name(trial) / "results.csv").open()):
             rows.append({"trial": trial["trial"], "proxy": float(trial["val/acc_best"]),
-                         "epochs": int(row["max_epochs"]), "val": float(row["val/acc_best"]),
+                         "epochs": int(row["trainer.max_epochs"]), "val": float(row["val/acc_best"]),
                          "wall_s": float(row["wall_s"])})
     return rows
 
@@ -104,6 +107,31 @@ def counts(name: str) -> tuple[str, str]:
             re.search(r"last one's end: (\d+) s", top).group(1))
 
 
+def draw_curves(path: Path) -> None:
+    """val/acc of every epoch against the run's wall time, for each retrained run (its TensorBoard events)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, colour in zip(RECIPES, ("tab:blue", "tab:orange"), strict=True):
+        for run in sorted((ROOT / f"{name}-seeds").glob("default/seed*/")):
+            events = EventAccumulator(str(run))
+            events.Reload()
+            points = events.Scalars("val/acc")
+            start = events.FirstEventTimestamp()  # the logger's start, just before the first epoch
+            axes.plot([(p.wall_time - start) / 60 for p in points], [p.value for p in points], color=colour,
+                      alpha=0.7, label=f"{name} ({run.name})")
+    axes.set(xlabel="minutes since the run's logger started (after start-up)", ylabel="val/acc", ylim=(0.985, 0.996))
+    axes.axhline(0.99, color="grey", linewidth=0.5)
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
 def write_docs(finalist_trials: list[dict]) -> None:
     count, span = counts("mlp993-proxy")
     long = long_rows(finalist_trials)
@@ -118,10 +146,11 @@ def write_docs(finalist_trials: list[dict]) -> None:
     doc = ["| stage | what ran | figures |", "|---|---|---|",
            f"| 1. proxies | `configs/search/mlp_993.yaml`, {PROXY_EPOCHS} epochs, median pruning, 2 workers | "
            f"{count}; {int(span) / 60:.1f} min, first start to last end |"]
+    chosen = max(long, key=lambda row: (row["val"], row["proxy"]))  # a tie on val goes to the better proxy
     for row in long:
         doc.append(f"| 2. full length | proxy trial {row['trial']} (proxy val {row['proxy']:.4f}), "
-                   f"{row['epochs']} epochs, 1 thread beside another | val/acc_best {row['val']:.4f}, "
-                   f"{row['wall_s']:.0f} s |")
+                   f"{row['epochs']} epochs, 1 thread, two runs at a time | val/acc_best {row['val']:.4f}, "
+                   f"{row['wall_s']:.0f} s{' (chosen: mlp_993.yaml)' if row is chosen else ''} |")
     for name, config in RECIPES.items():
         r = results[name]
         doc.append(f"| 3. retrained | `{config}`, seeds 0 1 2, 2 threads | t10k {r['test']} ({r['each']}), "
@@ -130,10 +159,12 @@ def write_docs(finalist_trials: list[dict]) -> None:
                (ROOT / "mlp993-proxy" / "top.md").read_text(),
                "![proxy study: optimization history](search-993-history.png) "
                "![proxy study: parameter importances](search-993-importances.png)", ""]
+    details += ["![val/acc against wall time of each retrained run](search-993-curves.png)", ""]
     for name in RECIPES:
         details += [f"### Stage 3, `logs/search/{name}-seeds/results.md`", "",
                     (ROOT / f"{name}-seeds" / "results.md").read_text()]
     replace_block(REPO / "docs" / "search-993.md", "search_993.py", [top, *details])
+    draw_curves(REPO / "docs" / "search-993-curves.png")
     for plot in ("history", "importances"):
         (REPO / "docs" / f"search-993-{plot}.png").write_bytes((ROOT / "mlp993-proxy" / f"{plot}.png").read_bytes())
     print(json.dumps({"long": long, "results": results}, indent=1))

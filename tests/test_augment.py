@@ -89,18 +89,26 @@ def test_a_resumed_epoch_draws_the_same_transforms(tmp_path: Path, augment):
     assert all(torch.equal(a, b) for a, b in zip(whole[4:], rest, strict=True))
 
 
-def test_the_99_percent_recipe_composes_with_the_default_and_trains_with_augmentation(tiny_mnist: Path,
-                                                                                        tmp_path: Path):
-    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2")
-    args[3:3] = ["--config", str(REPO / "configs" / "experiment" / "mlp_99.yaml")]
-    main(args)
+RECIPES = {"mlp_99.yaml": ("RandomAffine", 1024, 1024), "mlp_990.yaml": ("ElasticAffine", 547, 845),
+           "mlp_993.yaml": ("ElasticAffine", 1278, 1032)}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_99_percent_recipe_composes_with_the_default_and_trains_two_hidden_layers_with_augmentation(
+        tiny_mnist: Path, tmp_path: Path, recipe: str):
+    augment, width1, width2 = RECIPES[recipe]
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1")
+    args[3:3] = ["--config", str(REPO / "configs" / "experiment" / recipe)]
+    if "WarmupCosine" in (REPO / "configs" / "experiment" / recipe).read_text():  # tiny data: a shorter warm-up
+        args += ["--model.lr_scheduler.init_args.warmup_steps", "4"]
+    cli = main(args)
+    assert type(cli.datamodule.augment).__name__ == augment
     run = only_run(tmp_path / "logs")
-    config = (run / "config.yaml").read_text()
-    assert "class_path: mnist_lit.augment.RandomAffine" in config and "hidden1: 1024" in config
+    assert f"class_path: mnist_lit.augment.{augment}" in (run / "config.yaml").read_text()
     weights = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert weights["net.layers.3.weight"].shape == (1024, 1024)  # two hidden layers, both 1024 wide
     assert [k for k in weights if k.endswith("weight")] == ["net.layers.1.weight", "net.layers.3.weight",
-                                                             "net.layers.5.weight"]
+                                                             "net.layers.5.weight"]  # two hidden layers
+    assert weights["net.layers.3.weight"].shape == (width2, width1)
 
 
 def test_a_known_displacement_field_moves_each_pixel_where_it_says():

@@ -59,6 +59,31 @@ def test_a_failing_run_is_reported_and_the_grid_exits_nonzero(tiny_mnist: Path, 
     assert [r["status"] for r in read_csv(tmp_path / "bad" / "results.csv")] == ["ok", "failed"]
 
 
+def test_a_config_edited_while_the_runs_go_is_named_and_no_mixed_table_is_written(tiny_mnist: Path,
+                                                                                   tmp_path: Path):
+    config = tmp_path / "extra.yaml"
+    config.write_text("trainer:\n  max_epochs: 1\n")
+    original = config.read_text()
+    command = search(tmp_path, "edited", "--config", str(config), "--seeds", "0", "1", "--workers", "1",
+                     data=tiny_mnist, epochs=1, popen=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "edited" / "default" / "seed0.log").exists():  # the first run has started
+        assert command.poll() is None and time.monotonic() < deadline, "the first run never started"
+        time.sleep(0.2)
+    config.write_text(original + "# edited\n")  # the second run will read this one
+    out, err = command.communicate(timeout=300)
+    assert command.returncode == 1 and "Traceback" not in err, err[-2000:]
+    for said in ("changed while it ran", "extra.yaml", "put the file back", "start a new --name"):
+        assert said in err, err[-2000:]
+    assert not (tmp_path / "edited" / "results.md").exists()
+    config.write_text(original)  # as the message says: the same command then writes the tables, training nothing
+    again = search(tmp_path, "edited", "--config", str(config), "--seeds", "0", "1", "--workers", "1",
+                   data=tiny_mnist, epochs=1)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 already finished or running, 0 to run" in again.stdout
+    assert [r["status"] for r in read_csv(tmp_path / "edited" / "results.csv")] == ["ok", "ok"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--grid", "model.optimizer.init_args.lr"], "is not KEY=V1,V2"),
     (["--workers", "0"], "--workers must be at least 1"),
