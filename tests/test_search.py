@@ -180,7 +180,7 @@ def test_the_993_space_searches_the_distortions_widths_and_schedule_of_each_tria
     """configs/search/mlp_993.yaml with the base configs and arguments scripts/search_993.py gives it."""
     base = ["--config", str(REPO / "configs" / "experiment" / "mlp_99.yaml")]
     space = yaml.safe_load((REPO / "configs" / "search" / "mlp_993.yaml").read_text())
-    space["pruner"] = None  # two epochs of tiny data: nothing to prune
+    space["pruner"] = None  # one epoch of tiny data: nothing to prune
     path = tmp_path / "mlp_993.yaml"
     path.write_text(yaml.safe_dump(space))
     done = search(tmp_path, "s993", *base, "--space", str(path), "--trials", "2", data=tiny_mnist, epochs=1,
