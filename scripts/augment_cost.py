@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from generated_block import header, replace_block
+from generated_block import header, publish
 
 from mnist_lit.augment import Compose, ElasticDeformation, RandomAffine
 
@@ -43,10 +43,7 @@ def main() -> None:
              "|---|---|---|"]
     affine = next(iter(best.values()))
     lines += [f"| {name} | {s:.2f} | {s / affine:.1f} |" for name, s in best.items()]
-    if options.no_docs:
-        print("\n".join(lines))
-    else:
-        print(replace_block(DOC, "augment_cost.py", lines))
+    publish(DOC, "augment_cost.py", lines, print_only=options.no_docs)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from generated_block import header, replace_block
+from generated_block import header, publish
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -77,10 +77,7 @@ def main() -> None:
              "|---|---|---|"]
     lines += [f"| {label} | {cell([r['test_acc'] for r in runs], 4)} | {cell([r['wall'] for r in runs], 1)} s |"
               for label, runs in rows.items()]
-    if options.no_docs:
-        print("\n".join(lines))
-    else:
-        print(replace_block(DOC, "extending_figures.py", lines))
+    publish(DOC, "extending_figures.py", lines, print_only=options.no_docs)
 
 
 if __name__ == "__main__":
