@@ -7,9 +7,10 @@ A module built on ``Engine`` writes the science, one method: ``model_step(batch)
 the forward pass and the loss that training, validation and test share (``MNISTClassifier`` in model.py). The
 engine trains it one of two ways per fit, with the same weights bit for bit (tests/test_exactness.py):
 
-- **the fast path** (the default): one ``training_step`` call runs ``steps_per_training_step`` ordinary SGD
-  steps on consecutive batches pulled from Lightning's ``dataloader_iter``, so that Lightning's per-call work
-  (hooks, logging, progress) is paid once per 64 batches, not per batch;
+- **the fast path** (the default): one ``training_step`` call runs up to ``steps_per_training_step`` ordinary
+  SGD steps on consecutive batches pulled from Lightning's ``dataloader_iter``, and ends after about a second
+  (``CALL_SECONDS``, so that the progress bar moves), so that Lightning's per-call work (hooks, logging,
+  progress bar) is paid once per second of training or per 1024 batches, not per batch;
 - **Lightning's own loop** (automatic optimization, one batch per call), for every fit that asks for something
   only it honours step for step (``one_step_reasons``): gradient clipping or accumulation, ``val_check_interval``,
   several processes, a callback or module with per-batch hooks, a module's own ``training_step`` or
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Iterator, Mapping
 
 import lightning as L
@@ -52,7 +54,11 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from mnist_lit.optimization import OptimizationError, build_optimizer, build_schedule, extend_schedule
 
-# Callback hooks that Lightning calls per training_step call: on the fast path, once per 64 batches.
+# A fast-path call ends after this many seconds of training (or steps_per_training_step SGD steps), so that the
+# progress bar moves at least about once a second while Lightning's per-call work stays a few ms a second
+# (scripts/call_length.py measures what shorter calls cost).
+CALL_SECONDS = 1.0
+# Callback hooks that Lightning calls per training_step call: on the fast path, once per call.
 PER_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero_grad")
 # Module hooks that only Lightning's loop calls (the fast path moves batches and steps the optimizer itself), and
 # configure_optimizers, whose schedule Lightning steps by the interval it returns.
@@ -135,7 +141,7 @@ class Engine(L.LightningModule):
     """
 
     optimizer_factory = schedule_factory = schedule_interval = None
-    schedule_monitor, finished_schedule, steps_per_training_step = "val/loss", "refuse", 64
+    schedule_monitor, finished_schedule, steps_per_training_step = "val/loss", "refuse", 1024
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -181,7 +187,7 @@ class Engine(L.LightningModule):
             f"{name} sets automatic_optimization = True": self.user_automatic is True,
         }
         reasons = [reason for reason, applies in flags.items() if applies]
-        # Per-batch hooks would run once per call of 64 batches; model checkpoints and progress bars are
+        # Per-batch hooks would run once per call of many batches; model checkpoints and progress bars are
         # exact here (the calls end at every_n_train_steps, the bar counts batches).
         per_batch = [callback for callback in trainer.callbacks
                      if not isinstance(callback, (ModelCheckpoint, ProgressBar))
@@ -381,6 +387,7 @@ class Engine(L.LightningModule):
             torch_optimizer, step = optimizer, optimizer.step  # Lightning's: counts global_step, runs the hooks
         device = self.device
         losses, lrs, outputs, targets, sizes = [], [], [], [], []
+        ends = time.perf_counter() + CALL_SECONDS
         for _ in range(self.steps_this_call()):
             try:
                 batch, _, _ = next(dataloader_iter)
@@ -399,6 +406,8 @@ class Engine(L.LightningModule):
             outputs.append(logits.detach() if logits is not None else None)
             targets.append(y)
             sizes.append(len(y) if y is not None else batch_size(batch))
+            if time.perf_counter() > ends:  # the call's boundary never changes the optimization, only the bar
+                break
         if not losses:
             return
         losses = torch.stack(losses).float()  # (steps,) one loss per SGD step

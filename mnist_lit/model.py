@@ -113,8 +113,9 @@ class MNISTClassifier(Engine):
         finished_schedule: a fit resumed from a checkpoint whose schedule has ended, with more steps to go:
             ``refuse`` it, or ``restart`` the schedule over the added steps (a warm restart). A schedule still
             under way is re-planned to the new length either way (``optimization.extend_schedule``).
-        steps_per_training_step: SGD steps per Lightning ``training_step`` call on the fast path; 1 trains
-            every fit with Lightning's own loop.
+        steps_per_training_step: SGD steps per Lightning ``training_step`` call on the fast path, at most (a
+            call also ends after about a second, so that the progress bar moves); 1 trains every fit with
+            Lightning's own loop.
         num_classes: number of classes the metrics count.
         compile: run the network through ``torch.compile`` (compiled when a fit, validate, test or
             predict starts; the first batches of each shape pay the compile time). Checkpoints are the
@@ -125,7 +126,7 @@ class MNISTClassifier(Engine):
                  lr_scheduler: ScheduleFactory | None = CosineAnnealingLR,
                  lr_scheduler_interval: Literal["step", "epoch"] | None = None, lr_scheduler_monitor: str = "val/loss",
                  finished_schedule: Literal["refuse", "restart"] = "refuse",
-                 steps_per_training_step: PositiveInt = 64, num_classes: PositiveInt = 10, compile: bool = False):
+                 steps_per_training_step: PositiveInt = 1024, num_classes: PositiveInt = 10, compile: bool = False):
         super().__init__()
         # finished_schedule says how to resume, not what was trained: kept out of the checkpoint's hyperparameters,
         # which LightningCLI puts over the flags given beside --ckpt_path, so that the flag given there applies.

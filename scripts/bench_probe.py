@@ -4,6 +4,7 @@ Added to a run with ``--trainer.callbacks+=bench_probe.BenchmarkProbe`` (``scrip
 writes JSON to the file named by $BENCHMARK_PROBE_OUT when fit ends. Validation is not timed.
 """
 
+import copy
 import json
 import os
 import time
@@ -64,3 +65,42 @@ class BenchmarkProbe(Callback):
                   "val_acc": None if val_acc is None else float(val_acc), "device": str(pl_module.device)}
         with open(os.environ["BENCHMARK_PROBE_OUT"], "w") as f:
             json.dump(result, f)
+
+
+class PlainBeside(Callback):
+    """A plain PyTorch loop's epoch after each of the fit's training epochs, in the same process: a copy of the
+    module's network, taken when training starts, trained on the same batches in the same order with the same
+    SGD and per-step cosine schedule, so that its weights (and the time their tiny floats cost) follow the
+    module's own. Both epochs are timed without validation; the pair is one side-by-side measurement, free of
+    what differs between processes. For call_length.py (``--trainer.callbacks+=bench_probe.PlainBeside``);
+    writes JSON to $BENCHMARK_PROBE_OUT when fit ends.
+    """
+
+    def __init__(self):
+        self.fast_s, self.plain_s, self.started = [], [], None
+
+    def on_train_start(self, trainer, pl_module):
+        self.net = copy.deepcopy(pl_module.net)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, trainer.estimated_stepping_batches)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.fast_s.append(time.perf_counter() - self.started)
+        batches = trainer.datamodule.train_dataloader()
+        batches.sampler.set_epoch(trainer.current_epoch)
+        net, optimizer, schedule = self.net, self.optimizer, self.schedule
+        with torch.enable_grad():
+            started = time.perf_counter()
+            for x, y in batches:
+                F.cross_entropy(net(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+            self.plain_s.append(time.perf_counter() - started)
+
+    def on_fit_end(self, trainer, pl_module):
+        with open(os.environ["BENCHMARK_PROBE_OUT"], "w") as f:
+            json.dump({"fast_s": self.fast_s, "plain_s": self.plain_s}, f)

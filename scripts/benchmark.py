@@ -3,19 +3,19 @@
     python scripts/benchmark.py                  # CPU: ~40 min on 2 cores; rewrites docs/benchmarks.md + .png
     python scripts/benchmark.py --repeats 1 --no-docs --no-extras --textbook
 
-Every variant is its own process (start-up counts), on the same data, model (784-512-256-10),
-SGD settings and epochs: at batch 64, 128 and 512, each at 1 and 2 torch threads, the plain loop,
-mnist_lit's fast path (64 SGD steps per training_step call) and mnist_lit on Lightning's own loop
-(steps_per_training_step 1), and a subclass that overrides only the loss (label smoothing) beside the
-plain loop with the same loss; then mnist_lit and the plain loop each at its own defaults (whole
-process, fit's test pass included). The variants of one repeat run back to back (every other
-repeat in reverse order) so that ratios compare runs made under the same machine conditions. Per
-variant it reports whole-process wall time, the training seconds of its fastest epoch after the
-first (validation excluded), samples/s, time from launch to the first training step, peak RSS and
-final val accuracy, then the ratios to the plain loop (min and median over repeats). Optionally the
-textbook torchvision + DataLoader pipeline. Then: time to accuracy (the full default fit, then
-`test` on the best checkpoint), and epoch time with 1 or 2 torch threads, alone and beside a busy
-process. On a GPU machine it also runs bf16-mixed at batch 64, 512 and 4096.
+Every variant is its own process (start-up counts), on the same data, model (784-512-256-10), SGD
+settings and epochs: at batch 64, 128 and 512, each at 1 and 2 torch threads, the plain loop,
+mnist_lit's fast path (the default: up to 1024 SGD steps per training_step call, about a second of them)
+and mnist_lit on Lightning's own loop (steps_per_training_step 1), and a subclass that overrides only
+the loss (label smoothing) beside the plain loop with the same loss; then mnist_lit and the plain loop
+each at its own defaults (whole process, fit's test pass included). The variants of one repeat run back
+to back (every other repeat in reverse order) so that ratios compare runs made under the same machine
+conditions. Per variant it reports whole-process wall time, the training seconds of its fastest epoch
+after the first (validation excluded), samples/s, time from launch to the first training step, peak RSS
+and final val accuracy, then the ratios to the plain loop (min and median over repeats). Optionally the
+textbook torchvision + DataLoader pipeline. Then: time to accuracy (the full default fit, then `test` on
+the best checkpoint), and epoch time with 1 or 2 torch threads, alone and beside a busy process. On a
+GPU machine it also runs bf16-mixed at batch 64, 512 and 4096.
 """
 
 import argparse
@@ -65,9 +65,9 @@ def run_process(argv: list[str], log: Path, env: dict | None = None) -> dict:
 # framework costs weigh most.
 SETTINGS = {f"batch {batch}": (512, 256, batch) for batch in (64, 128, 512)}
 THREADS = (1, 2)
-# mnist_lit's two loops: the fast path (64 SGD steps per training_step call) and Lightning's own automatic loop
-# (one batch per call), which --model.steps_per_training_step 1 selects.
-LOOPS = {"mnist_lit fast path (64 steps/call)": ("--model.steps_per_training_step", "64"),
+# mnist_lit's two loops: the fast path (the default: up to 1024 SGD steps per training_step call, about a second
+# of them) and Lightning's own automatic loop (one batch per call), which --model.steps_per_training_step 1 selects.
+LOOPS = {"mnist_lit fast path": ("--model.steps_per_training_step", "1024"),
          "mnist_lit Lightning loop (1 step/call)": ("--model.steps_per_training_step", "1")}
 # A subclass that overrides only the loss (label smoothing), on the fast path, beside the plain loop with that loss.
 SUBCLASS, SMOOTHING = "mnist_lit loss subclass, fast path", "0.1"

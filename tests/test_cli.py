@@ -1,6 +1,7 @@
 """The CLI as a user drives it: runs in-process through LightningCLI's ``args``, one in a new process."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import REPO, fit_args, only_run, read_events, scalar
+from mnist_lit import engine
 from mnist_lit.cli import main
 
 
@@ -64,6 +67,35 @@ def test_hparams_tab_and_metrics_json_hold_the_runs_real_results(tiny_mnist: Pat
     assert record["metrics"]["test/acc"] == pytest.approx(scalar(events, "test/acc")[0])
     assert record["best_checkpoint"].endswith(".ckpt") and record["seed"] == 0 and record["global_step"] == 32
     assert {"git_commit", "git_dirty", "torch", "lightning", "device"} <= set(record["environment"])
+
+
+class CallCounter(TQDMProgressBar):
+    """Lightning's progress bar, counting the training_step calls it is told of (a bar keeps the fast path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def on_train_batch_end(self, *args, **kwargs):
+        self.calls += 1
+        super().on_train_batch_end(*args, **kwargs)
+
+
+@pytest.mark.parametrize("seconds, calls", [(math.inf, 2), (0.0, 32)])
+def test_a_call_ends_after_its_seconds_and_the_optimization_stays(tiny_mnist: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  seconds: float, calls: int):
+    # 16 batches an epoch in calls of up to 1024 steps: one call an epoch, or one step a call when a call may
+    # last no time at all (the bar then moves every batch). The weights are those of Lightning's loop either way.
+    monkeypatch.setattr(engine, "CALL_SECONDS", seconds)
+    cli = main(fit_args(tiny_mnist, tmp_path / "fast", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar",
+                        "true", "--trainer.callbacks+=test_cli.CallCounter"))
+    bar = next(c for c in cli.trainer.callbacks if isinstance(c, CallCounter))
+    assert not cli.model.automatic_optimization and (bar.calls, cli.trainer.global_step) == (calls, 32)
+    main(fit_args(tiny_mnist, tmp_path / "lightning", "--trainer.max_epochs", "2",
+                  "--model.steps_per_training_step", "1"))
+    ours, theirs = (checkpoint(only_run(tmp_path / name))["state_dict"] for name in ("fast", "lightning"))
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours if name.startswith("net."))
 
 
 def test_steps_per_training_step_does_not_change_the_optimization(tiny_mnist: Path, tmp_path: Path):
