@@ -395,9 +395,11 @@ class Engine(L.LightningModule):
                 break
             if not on_device(batch, device):  # MNISTDataModule's batches already live there
                 batch = move_data_to_device(batch, device)
+            # Before the forward pass, as Lightning's loop does: the last step's gradients are kept until the next
+            # step begins, and the memory they free is what the forward pass fills next (still in cache).
+            torch_optimizer.zero_grad(set_to_none=True)
             loss, logits, y = self.model_step(batch)
             lrs.append(torch_optimizer.param_groups[0]["lr"])
-            torch_optimizer.zero_grad(set_to_none=True)
             self.run_backward(loss)
             step()
             if per_step:
