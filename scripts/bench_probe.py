@@ -68,12 +68,12 @@ class BenchmarkProbe(Callback):
 
 
 class PlainBeside(Callback):
-    """A plain PyTorch loop's epoch after each of the fit's training epochs, in the same process: a copy of the
-    module's network, taken when training starts, trained on the same batches in the same order with the same
-    SGD and per-step cosine schedule, so that its weights (and the time their tiny floats cost) follow the
-    module's own. Both epochs are timed without validation; the pair is one side-by-side measurement, free of
-    what differs between processes. For call_length.py (``--trainer.callbacks+=bench_probe.PlainBeside``);
-    writes JSON to $BENCHMARK_PROBE_OUT when fit ends.
+    """A plain PyTorch loop's epoch after each of the fit's training epochs, in the same process: a copy of the module's
+    network, taken when training starts, trained on the same batches in the same order with the same SGD and
+    per-step cosine schedule, so that its weights (and the time their tiny floats cost) follow the module's own
+    (with ``LabelSmoothing``'s loss beside that subclass). Both epochs are timed without validation; the pair is
+    one side-by-side measurement, free of what differs between processes. For call_length.py
+    (``--trainer.callbacks+=bench_probe.PlainBeside``); writes JSON to $BENCHMARK_PROBE_OUT when fit ends.
     """
 
     def __init__(self):
@@ -92,10 +92,11 @@ class PlainBeside(Callback):
         batches = trainer.datamodule.train_dataloader()
         batches.sampler.set_epoch(trainer.current_epoch)
         net, optimizer, schedule = self.net, self.optimizer, self.schedule
+        smoothing = getattr(pl_module, "smoothing", 0.0)  # LabelSmoothing's loss, beside that subclass
         with torch.enable_grad():
             started = time.perf_counter()
             for x, y in batches:
-                F.cross_entropy(net(x), y).backward()
+                F.cross_entropy(net(x), y, label_smoothing=smoothing).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()

@@ -26,9 +26,11 @@ from generated_block import header, publish
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
+SUBCLASS = "the largest, a subclass that overrides only the loss (beside a plain loop with that loss)"
 
 
-def run(data: Path, work: Path, steps: int, batch: int, threads: int, epochs: int) -> tuple[float, list[float]]:
+def run(data: Path, work: Path, steps: int, batch: int, threads: int, epochs: int,
+        *extra: str) -> tuple[float, list[float]]:
     """fast/plain per epoch of one fit process (the median over its epochs after the first), and the plain
     loop's seconds per epoch."""
     probe = work / "probe.json"
@@ -37,7 +39,7 @@ def run(data: Path, work: Path, steps: int, batch: int, threads: int, epochs: in
             "--trainer.max_epochs", str(epochs), "--torch_threads", str(threads),
             "--model.steps_per_training_step", str(steps), "--trainer.limit_val_batches", "0",
             "--test_after_fit", "false", "--trainer.logger.init_args.save_dir", str(work / "logs"),
-            "--trainer.callbacks+=bench_probe.PlainBeside"]
+            "--trainer.callbacks+=bench_probe.PlainBeside", *extra]
     with (work / "log.txt").open("w") as log:
         done = subprocess.run(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=900,
                               env={**os.environ, "PYTHONPATH": str(REPO / "scripts"),
@@ -60,25 +62,29 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print the block, do not rewrite docs/benchmarks.md")
     options = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mnist_lit_calls_"))
-    cases = [(batch, steps) for batch in options.batch_sizes for steps in options.steps]
+    # The last row: a subclass that overrides only the loss (label smoothing), at the default call length.
+    rows = [*options.steps, SUBCLASS]
+    cases = [(batch, row) for batch in options.batch_sizes for row in rows]
     ratios: dict[tuple, list[float]] = {case: [] for case in cases}
     plain: dict[int, list[list[float]]] = {batch: [] for batch in options.batch_sizes}  # per run, per epoch
+    default = max(options.steps)
     for repeat in range(options.repeats):
-        for batch, steps in cases if repeat % 2 == 0 else cases[::-1]:
-            folder = work / f"b{batch}-s{steps}-r{repeat}"
+        for batch, row in cases if repeat % 2 == 0 else cases[::-1]:
+            folder = work / f"b{batch}-{row}-r{repeat}".replace(" ", "_").replace(",", "")
             folder.mkdir()
-            ratio, plain_s = run(Path(options.data_dir), folder, steps, batch, options.threads, options.epochs)
-            ratios[batch, steps].append(ratio)
-            plain[batch].append(plain_s)
-            print(f"batch {batch}, {steps} steps/call, repeat {repeat}: {ratios[batch, steps][-1]:.3f}", flush=True)
+            steps, extra = (default, ("--model", "bench_probe.LabelSmoothing")) if row == SUBCLASS else (row, ())
+            ratio, plain_s = run(Path(options.data_dir), folder, steps, batch, options.threads, options.epochs, *extra)
+            ratios[batch, row].append(ratio)
+            if row != SUBCLASS:
+                plain[batch].append(plain_s)
+            print(f"batch {batch}, {row} steps/call, repeat {repeat}: {ratio:.3f}", flush=True)
     columns = " | ".join(f"batch {b}: fast / plain, min / median" for b in options.batch_sizes)
     lines = [header("call_length.py", f"{options.threads} torch threads, {options.epochs} epochs a run, "
                                       f"{options.repeats} repeats"),
              "", f"| steps per call, at most | {columns} |", "|---|" + "---|" * len(options.batch_sizes)]
-    for steps in options.steps:
-        cells = [f"{min(ratios[b, steps]):.3f} / {statistics.median(ratios[b, steps]):.3f}"
-                 for b in options.batch_sizes]
-        lines.append(f"| {steps} | " + " | ".join(cells) + " |")
+    for row in rows:
+        cells = [f"{min(ratios[b, row]):.3f} / {statistics.median(ratios[b, row]):.3f}" for b in options.batch_sizes]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     # The plain loop's epochs grow slower as training goes (subnormal floats, docs/benchmarks.md): the median run's.
     epochs = {b: ", ".join(f"{statistics.median(run[e] for run in plain[b]):.2f}" for e in range(options.epochs))
               for b in options.batch_sizes}

@@ -124,16 +124,18 @@ def test_a_subclass_with_a_loss_of_its_own_is_exact_on_both_loops(tiny_mnist: Pa
     assert not any(torch.equal(a, b) for a, b in zip(ours, cross_entropy, strict=True))
 
 
+@pytest.mark.parametrize("module", [[], ["--model", "bench_probe.LabelSmoothing"]])
 def test_the_plain_loop_beside_a_fit_follows_its_weights(tiny_mnist: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch):
+                                                         monkeypatch: pytest.MonkeyPatch, module: list[str]):
     # scripts/call_length.py times the fast path against bench_probe.PlainBeside, a plain loop trained in the same
     # process after each epoch on a copy of the network: the two time the same arithmetic only if the copy ends
-    # where the fit ends, bit for bit (the default call length: one call an epoch here).
+    # where the fit ends, bit for bit (the default call length: one call an epoch here), also
+    # beside a subclass with a loss of its own (label smoothing, which the plain loop then uses too).
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     monkeypatch.setenv("BENCHMARK_PROBE_OUT", str(tmp_path / "probe.json"))
     cli = main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "3", "--test_after_fit", "false",
                         "--data.batch_size", "8", "--trainer.limit_val_batches", "0",
-                        "--trainer.callbacks+=bench_probe.PlainBeside"))
+                        "--trainer.callbacks+=bench_probe.PlainBeside", *module))
     beside = next(c for c in cli.trainer.callbacks if type(c).__name__ == "PlainBeside")
     assert not cli.model.automatic_optimization and cli.trainer.global_step == 3 * 63
     assert_identical(list(cli.model.net.parameters()), list(beside.net.parameters()), "fit vs plain loop beside it")
