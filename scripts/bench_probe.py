@@ -68,11 +68,11 @@ class BenchmarkProbe(Callback):
 
 
 class PlainBeside(Callback):
-    """A plain PyTorch loop's epoch after each of the fit's training epochs, in the same process: a copy of the module's
-    network, taken when training starts, trained on the same batches in the same order with the same SGD and
-    per-step cosine schedule, so that its weights (and the time their tiny floats cost) follow the module's own
-    (with ``LabelSmoothing``'s loss beside that subclass). Both epochs are timed without validation; the pair is
-    one side-by-side measurement, free of what differs between processes. For call_length.py
+    """A plain PyTorch loop's epoch after each of the fit's training epochs, in the same process: a copy of the
+    module's network, taken when training starts, trained on the same batches in the same order with the module's
+    loss, an optimizer of its class and settings and the same per-step cosine schedule, so that its weights (and
+    the time their tiny floats cost) follow the module's own. Both epochs are timed without validation; the pair
+    is one side-by-side measurement, free of what differs between processes. For call_length.py
     (``--trainer.callbacks+=bench_probe.PlainBeside``); writes JSON to $BENCHMARK_PROBE_OUT when fit ends.
     """
 
@@ -80,9 +80,15 @@ class PlainBeside(Callback):
         self.fast_s, self.plain_s, self.started = [], [], None
 
     def on_train_start(self, trainer, pl_module):
+        schedule = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        if type(schedule) is not torch.optim.lr_scheduler.CosineAnnealingLR:
+            raise RuntimeError(f"PlainBeside steps a cosine schedule per SGD step, the default config's; this fit "
+                               f"has {type(schedule).__name__}: run it with --model.lr_scheduler "
+                               "torch.optim.lr_scheduler.CosineAnnealingLR.")
+        optimizer = trainer.optimizers[0]
         self.net = copy.deepcopy(pl_module.net)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, trainer.estimated_stepping_batches)
+        self.optimizer = type(optimizer)(self.net.parameters(), **optimizer.defaults)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, schedule.T_max, schedule.eta_min)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.started = time.perf_counter()
@@ -91,12 +97,11 @@ class PlainBeside(Callback):
         self.fast_s.append(time.perf_counter() - self.started)
         batches = trainer.datamodule.train_dataloader()
         batches.sampler.set_epoch(trainer.current_epoch)
-        net, optimizer, schedule = self.net, self.optimizer, self.schedule
-        smoothing = getattr(pl_module, "smoothing", 0.0)  # LabelSmoothing's loss, beside that subclass
+        net, optimizer, schedule, loss = self.net, self.optimizer, self.schedule, pl_module.loss
         with torch.enable_grad():
             started = time.perf_counter()
             for x, y in batches:
-                F.cross_entropy(net(x), y, label_smoothing=smoothing).backward()
+                loss(net(x), y).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()

@@ -26,7 +26,6 @@ from generated_block import header, publish
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
-SUBCLASS = "the largest, a subclass that overrides only the loss (beside a plain loop with that loss)"
 
 
 def run(data: Path, work: Path, steps: int, batch: int, threads: int, epochs: int,
@@ -62,20 +61,22 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print the block, do not rewrite docs/benchmarks.md")
     options = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mnist_lit_calls_"))
-    # The last row: a subclass that overrides only the loss (label smoothing), at the default call length.
-    rows = [*options.steps, SUBCLASS]
+    # Row label -> (steps per call, extra fit arguments); the last row: a subclass that overrides only the loss
+    # (label smoothing, bench_probe.LabelSmoothing) at the longest call, the plain loop beside it with that loss.
+    rows = {str(steps): (steps, ()) for steps in options.steps}
+    rows[f"{max(options.steps)}, a subclass that overrides only the loss"] = (
+        max(options.steps), ("--model", "bench_probe.LabelSmoothing"))
     cases = [(batch, row) for batch in options.batch_sizes for row in rows]
     ratios: dict[tuple, list[float]] = {case: [] for case in cases}
     plain: dict[int, list[list[float]]] = {batch: [] for batch in options.batch_sizes}  # per run, per epoch
-    default = max(options.steps)
     for repeat in range(options.repeats):
         for batch, row in cases if repeat % 2 == 0 else cases[::-1]:
-            folder = work / f"b{batch}-{row}-r{repeat}".replace(" ", "_").replace(",", "")
+            steps, extra = rows[row]
+            folder = work / f"b{batch}-s{steps}-{len(extra)}-r{repeat}"
             folder.mkdir()
-            steps, extra = (default, ("--model", "bench_probe.LabelSmoothing")) if row == SUBCLASS else (row, ())
             ratio, plain_s = run(Path(options.data_dir), folder, steps, batch, options.threads, options.epochs, *extra)
             ratios[batch, row].append(ratio)
-            if row != SUBCLASS:
+            if not extra:  # cross-entropy runs only: the plain loop's own epochs
                 plain[batch].append(plain_s)
             print(f"batch {batch}, {row} steps/call, repeat {repeat}: {ratio:.3f}", flush=True)
     columns = " | ".join(f"batch {b}: fast / plain, min / median" for b in options.batch_sizes)

@@ -130,7 +130,7 @@ def test_the_plain_loop_beside_a_fit_follows_its_weights(tiny_mnist: Path, tmp_p
     # scripts/call_length.py times the fast path against bench_probe.PlainBeside, a plain loop trained in the same
     # process after each epoch on a copy of the network: the two time the same arithmetic only if the copy ends
     # where the fit ends, bit for bit (the default call length: one call an epoch here), also
-    # beside a subclass with a loss of its own (label smoothing, which the plain loop then uses too).
+    # beside a subclass with a loss of its own (label smoothing: the plain loop uses the module's loss).
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     monkeypatch.setenv("BENCHMARK_PROBE_OUT", str(tmp_path / "probe.json"))
     cli = main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "3", "--test_after_fit", "false",
