@@ -10,6 +10,7 @@ transaction), so a write that fails part-way leaves the previous checkpoint inta
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +20,8 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
+
+from mnist_lit.trust import check_imports
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning itself
 DEFAULT_MODEL = "mnist_lit.model.MNISTClassifier"  # --model's default, and the class of checkpoints that name none
@@ -73,9 +76,11 @@ def module_config(checkpoint: dict) -> dict:
     return {"class_path": hparams.pop("_class_path", DEFAULT_MODEL), "init_args": hparams}
 
 
-def rebuild_module(path: str) -> L.LightningModule:
-    """The checkpoint's LightningModule, built from its recorded class and arguments, with its weights."""
+def rebuild_module(path: str, vouched: Iterable[str] = ()) -> L.LightningModule:
+    """The checkpoint's LightningModule, built from its recorded class and arguments, with its weights; what it
+    names is imported only when vouched for (``mnist_lit.trust``; ``vouched``: names beyond the default ones)."""
     checkpoint = load_checkpoint(path)  # weights only: nothing in the file runs
+    check_imports(path, checkpoint, vouched)  # nor does anything it names, unless vouched for
     config = module_config(checkpoint)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningModule, "model", fail_untyped=False)

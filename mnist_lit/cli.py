@@ -41,6 +41,7 @@ from mnist_lit.checkpoints import (
     load_checkpoint,
 )
 from mnist_lit.data import MNISTDataModule
+from mnist_lit.denormals import set_flush_denormal
 from mnist_lit.engine import TrainingDiverged
 from mnist_lit.idx import MNISTDataError
 from mnist_lit.optimization import OptimizationError
@@ -63,6 +64,7 @@ from mnist_lit.runs import (
     with_run_config,
     write_results,
 )
+from mnist_lit.trust import TRUST_OPTION, UntrustedImports, check_imports, named_by_user
 
 TRAINER_DEFAULTS = {
     # One TensorBoard run per invocation: logs/mnist/version_N/, config.yaml and checkpoints/ beside the events.
@@ -89,6 +91,15 @@ class MNISTCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="fit: then test the best checkpoint on t10k in the same run, write metrics.json "
                                  "and the HPARAMS table.")
+        parser.add_argument(TRUST_OPTION, type=str | None, default=None,
+                            help="with --ckpt_path: the packages (comma-separated) that the checkpoint's stored config "
+                                 "may import beyond mnist_lit, torch, torchvision, lightning, torchmetrics, optuna, "
+                                 "your own modules and what your command line names (README, 'When things go "
+                                 "wrong'). Importing a module runs its code: name only what you trust.")
+        parser.add_argument("--flush_denormal", type=bool, default=True,
+                            help="flush subnormal floats to zero on the CPU, in every torch thread (FTZ/DAZ): some "
+                                 "CPUs compute on them many times slower, and training makes them (mnist_lit/"
+                                 "denormals.py); false keeps IEEE 754's gradual underflow. Recorded in metrics.json.")
         parser.add_argument("--torch_threads", type=PositiveInt | None, default=None,
                             help="torch CPU threads; null keeps PyTorch's default (one per core), right for a machine "
                                  "of your own. On a machine shared with other busy processes, 1 does not collapse "
@@ -102,7 +113,9 @@ class MNISTCLI(LightningCLI):
         ckpt_path = ckpt_path_in(argv) if argv else None
         self.run_config = None
         if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and argv[0] in self.subcommands():
-            self.run_config = load_checkpoint(ckpt_path).get("run_config")
+            checkpoint = load_checkpoint(ckpt_path)
+            check_imports(ckpt_path, checkpoint, named_by_user(argv))  # before anything it names is imported
+            self.run_config = checkpoint.get("run_config")
         super().parse_arguments(parser, with_run_config(argv, self.run_config) if self.run_config else args)
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         for handler in parser.logger.handlers:
@@ -146,6 +159,7 @@ class MNISTCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
+        set_flush_denormal(config.flush_denormal)  # before the run's first computation, in each of its processes
         trainer = config.trainer
         if trainer.logger in (False, None) and trainer.default_root_dir is None and not trainer.fast_dev_run \
                 and not launched_rank():
@@ -211,7 +225,7 @@ def main(args: list[str] | None = None) -> MNISTCLI:
                         auto_configure_optimizers=False,  # --model.optimizer / --model.lr_scheduler instead
                         save_config_callback=RunConfig,
                         parser_kwargs={"prog": "python -m mnist_lit", "logger": parse_log})
-    except (MNISTDataError, CheckpointError, LogFolderError, TrainingDiverged, OptimizationError,
+    except (MNISTDataError, CheckpointError, UntrustedImports, LogFolderError, TrainingDiverged, OptimizationError,
             MisconfigurationException) as err:
         # MisconfigurationException: Lightning refusing a combination of its own flags, in a sentence naming them
         if os.environ.get("JSONARGPARSE_DEBUG"):

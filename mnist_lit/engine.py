@@ -56,7 +56,7 @@ from mnist_lit.optimization import OptimizationError, build_optimizer, build_sch
 
 # A fast-path call ends after this many seconds of training (or steps_per_training_step SGD steps), so that the
 # progress bar moves at least about once a second while Lightning's per-call work stays a few ms a second
-# (scripts/call_length.py measures what shorter calls cost).
+# (scripts/measure/call_length.py measures what shorter calls cost).
 CALL_SECONDS = 1.0
 # Callback hooks that Lightning calls per training_step call: on the fast path, once per call.
 PER_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero_grad")

@@ -21,6 +21,7 @@ from torch import nn
 
 from mnist_lit.checkpoints import CheckpointError, load_checkpoint, rebuild_module
 from mnist_lit.model import network
+from mnist_lit.trust import TRUST_OPTION, UntrustedImports, trusted_packages
 
 TOLERANCE = 1e-5  # largest |artifact - checkpoint| accepted on the check batch
 
@@ -37,13 +38,13 @@ class PixelsToProbabilities(nn.Module):
         return self.net(x).softmax(dim=1)  # (B, 10)
 
 
-def from_checkpoint(path: str) -> PixelsToProbabilities:
+def from_checkpoint(path: str, trust_imports: str | None = None) -> PixelsToProbabilities:
     """The checkpoint's network (its module rebuilt from the recorded class_path/init_args) with its
     normalization. MNISTClassifier's is its ``net``; another module's is the module itself, its forward."""
     checkpoint = load_checkpoint(path)
     with warnings.catch_warnings():  # "net is an nn.Module, saved twice": by design, the CLI records its class_path
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-        model = rebuild_module(path)
+        model = rebuild_module(path, trusted_packages(trust_imports))
     data = checkpoint.get("datamodule_hyper_parameters", {})
     stored = checkpoint.get("MNISTDataModule", {}).get("normalization")
     if stored is None and data.get("standardize"):
@@ -85,11 +86,13 @@ def main(args: list[str] | None = None) -> float:
     parser.add_argument("checkpoint", help="a .ckpt written by fit, e.g. logs/mnist/version_0/checkpoints/last.ckpt")
     parser.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
     parser.add_argument("--output", help="the artifact's path (default: the checkpoint's, with .onnx or .pt2)")
+    parser.add_argument(TRUST_OPTION, metavar="PACKAGES", help="the packages (comma-separated) that the checkpoint's "
+                        "stored config may import beyond the vouched ones (README, 'When things go wrong')")
     options = parser.parse_args(args)
     output = Path(options.output or Path(options.checkpoint).with_suffix(f".{options.format}"))
     try:
-        module = from_checkpoint(options.checkpoint)
-    except CheckpointError as err:
+        module = from_checkpoint(options.checkpoint, options.trust_imports)
+    except (CheckpointError, UntrustedImports) as err:
         sys.exit(f"error: {err}")
     output.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():

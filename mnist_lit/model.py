@@ -1,7 +1,7 @@
 """The science: an MLP on 784 pixels, its loss, its metrics and its optimizer, as a LightningModule.
 
     python -m mnist_lit fit --config configs/default.yaml --model.optimizer.init_args.lr 0.05
-    python -m mnist_lit fit --config configs/default.yaml --config configs/experiment/focal.yaml   # a subclass
+    python -m mnist_lit fit --config configs/default.yaml --config configs/examples/focal.yaml   # a subclass
 
 ``MLP`` is a plain ``nn.Module`` that returns logits; ``MNISTClassifier`` wraps any such network
 (``model.net`` takes a ``class_path``) with the loss (``loss``), the one step every stage shares

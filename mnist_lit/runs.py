@@ -32,6 +32,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from mnist_lit.checkpoints import DEFAULT_MODEL
+from mnist_lit.denormals import flushed
 
 RUNS_ROOT, RUNS_NAME = "logs", "mnist"  # runs without a logger: logs/mnist/version_N
 
@@ -170,6 +171,7 @@ def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, fl
         return
     record = {"metrics": results, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
               "best_checkpoint": best_checkpoint, "resumed_from": resumed_from, "seed": torch.initial_seed(),
+              "subnormals_flushed": flushed(),  # measured over torch's threads, not read back from the option
               "environment": environment()}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -192,9 +194,9 @@ BESIDE_CHECKPOINT = {
             "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
             "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
             "trainer.limit_predict_batches", "trainer.num_sanity_val_steps", "trainer.callbacks", "torch_threads",
-            "test_after_fit", "report.", "predictions.", "checkpoint.", "last_checkpoint.", "data.data_dir",
-            "data.download", "data.verify_checksums", "data.eval_batch_size", "data.predict_images",
-            "model.steps_per_training_step", "model.compile", "model.finished_schedule"),
+            "flush_denormal", "trust_imports", "test_after_fit", "report.", "predictions.", "checkpoint.",
+            "last_checkpoint.", "data.data_dir", "data.download", "data.verify_checksums", "data.eval_batch_size",
+            "data.predict_images", "model.steps_per_training_step", "model.compile", "model.finished_schedule"),
     "fit": ("model.optimizer.init_args.lr",),  # a new lr on a resume: applied, the schedule scaled to it
     "validate": ("data.dataset",), "test": ("data.dataset",), "predict": ("data.dataset",),  # evaluate elsewhere
 }

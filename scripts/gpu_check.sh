@@ -20,4 +20,4 @@ mkdir -p "$data/MNIST/raw" && cp "$source_dir"/*-ubyte.gz "$data/MNIST/raw/"
   --data.download false --trainer.logger.init_args.save_dir "$data/logs" --trainer.enable_progress_bar false \
   2>&1 | tee "$out/fit.txt"
 
-"$py" scripts/benchmark.py --mnist "$source_dir" --repeats 1 --no-extras 2>&1 | tee "$out/benchmark.txt"
+"$py" scripts/measure/benchmark.py --mnist "$source_dir" --repeats 1 --no-extras 2>&1 | tee "$out/benchmark.txt"

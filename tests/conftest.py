@@ -1,6 +1,7 @@
 """Data the tests write themselves (tiny IDX files), the real MNIST set when present, and a TensorBoard reader."""
 
 import gzip
+import os
 import shutil
 import socket
 import struct
@@ -55,8 +56,11 @@ def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = Tr
 @pytest.fixture(autouse=True)
 def run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs in its own folder: what a run writes relative to the cwd (runs without a logger,
-    Lightning's folder for an MLflow store) never lands in the repository."""
+    Lightning's folder for an MLflow store) never lands in the repository. tests/ is on PYTHONPATH, as a user's own
+    modules are: the callbacks and modules written here are theirs, vouched for in a checkpoint (mnist_lit/trust.py)."""
     monkeypatch.chdir(tmp_path)
+    paths = (str(REPO / "tests"), os.environ.get("PYTHONPATH"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
 
 
 @pytest.fixture

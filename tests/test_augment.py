@@ -93,6 +93,7 @@ RECIPES = {"mlp_99.yaml": ("RandomAffine", 1024, 1024), "mlp_990.yaml": ("Elasti
            "mlp_993.yaml": ("ElasticAffine", 1278, 1032)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_99_percent_recipe_composes_with_the_default_and_trains_two_hidden_layers_with_augmentation(
         tiny_mnist: Path, tmp_path: Path, recipe: str):
@@ -138,6 +139,7 @@ def test_elastic_alpha_zero_is_the_identity_and_the_fields_are_smooth_and_seeded
     assert 0.5 < field.abs().mean() < 3 and field.abs().max() < 10  # a few pixels, as Simard's alpha 34, sigma 4
 
 
+@pytest.mark.slow
 def test_elastic_and_affine_compose_by_config_and_train(tiny_mnist: Path, tmp_path: Path):
     config = tmp_path / "elastic.yaml"
     config.write_text("data:\n  augment:\n    class_path: mnist_lit.augment.Compose\n    init_args:\n      augments:\n"
@@ -152,6 +154,7 @@ def test_elastic_and_affine_compose_by_config_and_train(tiny_mnist: Path, tmp_pa
     assert "mnist_lit.augment.ElasticDeformation" in (only_run(tmp_path / "logs") / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_elastic_affine_draws_as_its_compose_and_each_strength_is_a_flat_cli_argument(tiny_mnist: Path,
                                                                                       tmp_path: Path):
     images = torch.rand(16, 28, 28) * 255

@@ -81,6 +81,7 @@ class CallCounter(TQDMProgressBar):
         super().on_train_batch_end(*args, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seconds, calls", [(math.inf, 2), (0.0, 32)])
 def test_a_call_ends_after_its_seconds_and_the_optimization_stays(tiny_mnist: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
@@ -98,6 +99,7 @@ def test_a_call_ends_after_its_seconds_and_the_optimization_stays(tiny_mnist: Pa
     assert all(torch.equal(ours[name], theirs[name]) for name in ours if name.startswith("net."))
 
 
+@pytest.mark.slow
 def test_steps_per_training_step_does_not_change_the_optimization(tiny_mnist: Path, tmp_path: Path):
     # 16 batches per epoch: with 5 steps per call the last call of each epoch holds one batch.
     weights = []
@@ -112,6 +114,7 @@ def test_steps_per_training_step_does_not_change_the_optimization(tiny_mnist: Pa
             assert torch.equal(tensor, weights[1][name]), name
 
 
+@pytest.mark.slow
 def test_test_subcommand_evaluates_a_checkpoint_in_a_new_process(tiny_mnist: Path, tmp_path: Path):
     # A non-default network: the architecture must come back from the checkpoint, not from default.yaml.
     main(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "2",
@@ -161,6 +164,7 @@ def test_mistyped_key_in_a_config_file_is_named(tmp_path: Path, capsys: pytest.C
     assert "--model.lrr is not an argument of mnist_lit.model.MNISTClassifier" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_data_offline_ends_with_one_paragraph_and_writes_nothing(tmp_path: Path):
     args = fit_args(tmp_path / "nothing", tmp_path / "logs", "--data.download", "false")
     done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path)
@@ -187,6 +191,7 @@ def test_debug_trainer_file_limits_batches_not_training_step_calls(tiny_mnist: P
     assert [e.step for e in read_events(run).Scalars("val/acc")] == [5, 11]
 
 
+@pytest.mark.slow
 def test_step_curves_are_lightnings_own_when_calls_do_not_divide_the_interval(tiny_mnist: Path, tmp_path: Path):
     # 16 batches per epoch in calls of 5, 5, 5, 1: Lightning's own loop's points, step for step, value for value.
     curves = {}
@@ -200,6 +205,7 @@ def test_step_curves_are_lightnings_own_when_calls_do_not_divide_the_interval(ti
     assert curves["5"] == curves["1"]
 
 
+@pytest.mark.slow
 def test_the_program_freezes_its_start_up_and_collects_the_run():
     """`python -m mnist_lit` pauses the garbage collector while torch and Lightning load, then freezes what they
     made (docs/benchmarks.md: start-up). The collector must be on again for the run, or its garbage piles up."""

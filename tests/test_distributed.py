@@ -13,6 +13,8 @@ import torch
 
 from conftest import REPO, fit_args, free_port, only_run, read_events, scalar
 
+pytestmark = pytest.mark.slow  # every test here starts several processes
+
 TRAINER = REPO / "configs" / "trainer"
 TESTS = Path(__file__).parent
 

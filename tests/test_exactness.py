@@ -1,6 +1,6 @@
 """The fast path is exact: mnist_lit's weights equal, bit for bit (CPU, float32, same seed, same batches),
 those of Lightning's own automatic loop with a plain ``training_step(batch)`` and those of the plain PyTorch
-loop in scripts/plain_loop.py, over 315 SGD steps of the cosine schedule, with clipping and accumulation."""
+loop in scripts/measure/plain_loop.py, over 315 SGD steps of the cosine schedule, with clipping and accumulation."""
 
 import subprocess
 import sys
@@ -65,7 +65,8 @@ def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumula
 
 def plain_loop_weights(data: Path, out: Path, clip_val=None, clip_algorithm="norm", accumulate=1,
                        label_smoothing=0.0) -> list[torch.Tensor]:
-    args = [sys.executable, str(REPO / "scripts" / "plain_loop.py"), "--data-dir", str(data), "--epochs", str(EPOCHS),
+    args = [sys.executable, str(REPO / "scripts" / "measure" / "plain_loop.py"), "--data-dir", str(data),
+            "--epochs", str(EPOCHS),
             "--batch-size", str(BATCH), "--val-size", "100", "--threads", "1", "--accumulate", str(accumulate),
             "--clip-algorithm", clip_algorithm, "--label-smoothing", str(label_smoothing), "--save", str(out)]
     if clip_val is not None:
@@ -81,12 +82,15 @@ def assert_identical(ours: list[torch.Tensor], theirs: list[torch.Tensor], what:
         assert torch.equal(a, b), f"{what}: parameter {i} differs by up to {(a - b).abs().max().item():.3g}"
 
 
+SLOW = pytest.mark.slow  # the fast subset keeps "plain": a broken fast step fails it
+
+
 @pytest.mark.parametrize("trainer, path", [
     ({}, "fast"),
-    ({"clip_val": 0.5, "clip_algorithm": "norm"}, "lightning"),
-    ({"clip_val": 0.01, "clip_algorithm": "value"}, "lightning"),
-    ({"accumulate": 2}, "lightning"),
-    ({"clip_val": 0.5, "clip_algorithm": "norm", "accumulate": 2}, "lightning"),
+    pytest.param({"clip_val": 0.5, "clip_algorithm": "norm"}, "lightning", marks=SLOW),
+    pytest.param({"clip_val": 0.01, "clip_algorithm": "value"}, "lightning", marks=SLOW),
+    pytest.param({"accumulate": 2}, "lightning", marks=SLOW),
+    pytest.param({"clip_val": 0.5, "clip_algorithm": "norm", "accumulate": 2}, "lightning", marks=SLOW),
 ], ids=["plain", "clip-norm", "clip-value", "accumulate-2", "clip-norm-accumulate-2"])
 def test_weights_equal_lightnings_loop_and_the_plain_loop(tiny_mnist: Path, tmp_path: Path, trainer: dict, path: str):
     ours, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", **trainer)
@@ -98,6 +102,7 @@ def test_weights_equal_lightnings_loop_and_the_plain_loop(tiny_mnist: Path, tmp_
         assert not all(torch.equal(a, b) for a, b in zip(ours, default, strict=True))
 
 
+@pytest.mark.slow
 def test_the_fast_path_is_exact_when_calls_do_not_divide_the_epoch(tiny_mnist: Path, tmp_path: Path):
     # 63 batches an epoch in calls of 5, ..., 5 and 3; and Lightning's loop chosen with steps_per_training_step 1.
     five, path = mnist_lit_weights(tiny_mnist, tmp_path / "five", None, "norm", 1,
@@ -109,6 +114,7 @@ def test_the_fast_path_is_exact_when_calls_do_not_divide_the_epoch(tiny_mnist: P
     assert_identical(five, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt"), "5 steps per call vs plain loop")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps, path", [("16", "fast"), ("1", "lightning")])
 def test_a_subclass_with_a_loss_of_its_own_is_exact_on_both_loops(tiny_mnist: Path, tmp_path: Path, steps: str,
                                                                    path: str):
@@ -127,11 +133,11 @@ def test_a_subclass_with_a_loss_of_its_own_is_exact_on_both_loops(tiny_mnist: Pa
 @pytest.mark.parametrize("module", [[], ["--model", "bench_probe.LabelSmoothing"]])
 def test_the_plain_loop_beside_a_fit_follows_its_weights(tiny_mnist: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch, module: list[str]):
-    # scripts/call_length.py times the fast path against bench_probe.PlainBeside, a plain loop trained in the same
-    # process after each epoch on a copy of the network: the two time the same arithmetic only if the copy ends
-    # where the fit ends, bit for bit (the default call length: one call an epoch here), also
+    # scripts/measure/call_length.py times the fast path against bench_probe.PlainBeside, a plain loop trained in the
+    # same process after each epoch on a copy of the network: the two time the same arithmetic only if the copy
+    # ends where the fit ends, bit for bit (the default call length: one call an epoch here), also
     # beside a subclass with a loss of its own (label smoothing: the plain loop uses the module's loss).
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(REPO / "scripts" / "measure"))
     monkeypatch.setenv("BENCHMARK_PROBE_OUT", str(tmp_path / "probe.json"))
     cli = main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "3", "--test_after_fit", "false",
                         "--data.batch_size", "8", "--trainer.limit_val_batches", "0",

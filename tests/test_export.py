@@ -66,6 +66,7 @@ def test_artifact_matches_the_checkpoint_on_real_digits(trained, real_mnist: Pat
         torch.testing.assert_close(run_artifact(artifact, digits[:3].float()), exported[:3], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_of_a_damaged_checkpoint_is_refused_in_one_paragraph(tmp_path: Path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00" * 100)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO, fails_with, fit_args, only_run, read_events, scalar, write_mnist
@@ -16,9 +17,10 @@ EXPERIMENT = REPO / "configs" / "experiment" / "cnn.yaml"
 
 def test_each_walkthrough_config_is_the_shipped_file_it_names():
     doc = (REPO / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"`(configs/experiment/[\w.]+\.yaml)`:\n\n   ```yaml\n(.*?)```", doc, flags=re.S)
-    assert [name for name, _ in blocks] == [f"configs/experiment/{name}.yaml" for name in
-                                            ("cnn", "focal", "distill", "fashion", "own_dataset")]
+    blocks = re.findall(r"`(configs/(?:experiment|examples)/[\w.]+\.yaml)`:\n\n   ```yaml\n(.*?)```", doc, flags=re.S)
+    assert [name for name, _ in blocks] == [f"configs/{name}.yaml" for name in
+                                            ("experiment/cnn", "examples/focal", "examples/distill",
+                                             "experiment/fashion", "experiment/own_dataset")]
     for name, block in blocks:
         assert "\n".join(line[3:] for line in block.splitlines()).strip() == (REPO / name).read_text().strip()
 
@@ -35,6 +37,7 @@ def test_walkthrough_trains_on_a_data_set_of_ones_own(tmp_path: Path):
     assert checkpoint["datamodule_hyper_parameters"]["dataset"]["classes"][:2] == ["zero", "one"]
 
 
+@pytest.mark.slow
 def test_walkthrough_trains_a_cnn_and_its_checkpoint_tests_in_a_new_process(tiny_mnist: Path, tmp_path: Path):
     args = fit_args(tiny_mnist, tmp_path / "fit")
     args[3:3] = ["--config", str(EXPERIMENT)]  # composed right after the default config, as in the doc
@@ -56,6 +59,7 @@ def test_walkthrough_trains_a_cnn_and_its_checkpoint_tests_in_a_new_process(tiny
     assert done.returncode == 1 and "model.net.class_path ('mnist_lit.model.SmallCNN' there" in done.stderr
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_repeat_bit_for_bit(tiny_mnist: Path, tmp_path: Path):
     results = []
     for name in ("a", "b"):
@@ -72,7 +76,8 @@ def test_same_config_and_seed_repeat_bit_for_bit(tiny_mnist: Path, tmp_path: Pat
 
 
 def experiment(name: str) -> list[str]:
-    return ["--config", str(REPO / "configs" / "experiment" / f"{name}.yaml")]
+    folder = "examples" if name in ("focal", "distill") else "experiment"  # the worked examples' configs
+    return ["--config", str(REPO / "configs" / folder / f"{name}.yaml")]
 
 
 def net_of(run: Path) -> dict[str, torch.Tensor]:
@@ -80,6 +85,7 @@ def net_of(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("net.")}
 
 
+@pytest.mark.slow
 def test_walkthrough_trains_the_focal_loss_on_the_fast_path(tiny_mnist: Path, tmp_path: Path):
     args = fit_args(tiny_mnist, tmp_path / "focal", "--trainer.max_epochs", "2")
     args[3:3] = experiment("focal")
@@ -96,6 +102,7 @@ def test_walkthrough_trains_the_focal_loss_on_the_fast_path(tiny_mnist: Path, tm
     assert all(torch.allclose(t, ce[k], atol=1e-5) for k, t in net_of(only_run(tmp_path / "gamma0")).items())
 
 
+@pytest.mark.slow
 def test_walkthrough_distils_a_student_from_a_teachers_checkpoint(tiny_mnist: Path, tmp_path: Path):
     main(fit_args(tiny_mnist, tmp_path / "teacher", "--trainer.max_epochs", "2", "--test_after_fit", "false"))
     teacher = only_run(tmp_path / "teacher") / "checkpoints" / "last.ckpt"

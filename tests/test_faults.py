@@ -53,7 +53,7 @@ def bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
     return files
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "test"])
+@pytest.mark.parametrize("subcommand", ["fit", pytest.param("test", marks=pytest.mark.slow)])  # the same check
 @pytest.mark.parametrize("case", ["missing", "random bytes", "truncated", "not lightning", "other network",
                                   "runs code"])
 def test_bad_checkpoint_gets_one_paragraph_and_runs_nothing(tiny_mnist: Path, tmp_path: Path, case: str,
@@ -205,6 +205,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(long_d
     assert_resume_equals(once, data, last, tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_runs_started_together_in_one_folder_get_their_own_run_folders(tiny_mnist: Path, tmp_path: Path):
     args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1")
     runs = [subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -67,6 +67,7 @@ def test_no_logger_still_gives_each_run_its_own_folder(tiny_mnist: Path, tmp_pat
         assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["logger"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="the mlflow extra is not installed "
                     "(pip install -e '.[mlflow]')")
 def test_mlflow_logger_with_a_local_sqlite_store(tiny_mnist: Path, tmp_path: Path):
@@ -94,6 +95,7 @@ def outside_connections(trace: Path) -> list[str]:
     return [c for c in calls if not any(f'inet_addr("{p}' in c or f'"{p}' in c for p in local)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the wandb extra is not installed "
                     "(pip install -e '.[wandb]')")
 def test_wandb_logger_offline_holds_the_run_and_sends_nothing(tiny_mnist: Path, tmp_path: Path):

@@ -43,6 +43,7 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, expected", [
     ("onecycle.yaml", lambda: expected_lrs(sgd, lambda o: torch.optim.lr_scheduler.OneCycleLR(
         o, max_lr=0.2, pct_start=0.25, total_steps=STEPS), STEPS)),
@@ -64,12 +65,14 @@ def test_warmup_then_cosine_takes_the_runs_length_under_max_steps(tiny_mnist: Pa
     assert expected[7] == pytest.approx(0.1 * (0.01 + 0.99 * 7 / 8)) and expected[8] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_a_per_epoch_schedule_counts_epochs(tiny_mnist: Path, tmp_path: Path):
     _, run = fit(tiny_mnist, tmp_path / "logs", "--model.lr_scheduler_interval", "epoch")
     expected = expected_lrs(sgd, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 4), STEPS, per_epoch=EPOCH)
     assert lr_curve(run) == pytest.approx(expected, rel=1e-6)  # T_max = 4 epochs, constant within each
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, steps", [
     (["--trainer.accumulate_grad_batches", "2"], 4 * 32),  # 63 batches an epoch: 32 SGD steps (the last on one)
     (["--trainer.limit_train_batches", "10"], 4 * 10),
@@ -87,6 +90,7 @@ def net_weights(run: Path) -> list[torch.Tensor]:
     return [t for name, t in state.items() if name.startswith("net.")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--config", str(EXPERIMENTS / "adamw.yaml")],
     ["--config", str(EXPERIMENTS / "onecycle.yaml")],
@@ -101,6 +105,7 @@ def test_both_loops_give_the_same_weights_for_any_optimizer_and_schedule(tiny_mn
     assert lr_curve(fast_run) == lr_curve(lightning_run)
 
 
+@pytest.mark.slow
 def test_plateau_lowers_the_lr_when_val_acc_stops_improving(tiny_mnist: Path, tmp_path: Path):
     _, run = fit(tiny_mnist, tmp_path / "logs", "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau",
                  "--model.lr_scheduler.mode", "max", "--model.lr_scheduler.factor", "0.5",

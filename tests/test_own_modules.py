@@ -179,6 +179,7 @@ def test_an_engine_hook_overridden_without_super_still_steps_the_schedule(tiny_m
     assert lrs == pytest.approx([0.1] * 16 + [0.01] * 16)  # StepLR's gamma 0.1, after epoch 0
 
 
+@pytest.mark.slow
 def test_a_lightning_module_of_its_own_gets_the_run_machinery(tiny_mnist: Path, tmp_path: Path,
                                                              said):
     args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--model", "research_modules.Plain",
@@ -219,11 +220,12 @@ def test_a_lightning_module_of_its_own_gets_the_run_machinery(tiny_mnist: Path, 
     assert "Traceback" not in predict.stderr and not list((tmp_path / "predict").glob("*/*/predictions.csv"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, fix", [
     ("nosuch.Module", "--model nosuch.Module cannot be imported (No module named 'nosuch')"),
     ("torch.nn.Linear", "--model torch.nn.Linear is not a LightningModule"),
-    ("mnist_lit.distillation.Distillation", "needs arguments that neither the config nor the command line gives: "
-                                            "teacher_checkpoint"),
+    ("mnist_lit.examples.distillation.Distillation",
+     "needs arguments that neither the config nor the command line gives: teacher_checkpoint"),
 ])
 def test_a_model_class_that_cannot_be_used_is_refused_in_one_paragraph(tiny_mnist: Path, tmp_path: Path, model: str,
                                                                        fix: str):
@@ -235,9 +237,10 @@ def test_a_model_class_that_cannot_be_used_is_refused_in_one_paragraph(tiny_mnis
     assert not (tmp_path / "logs").exists()  # before any work
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_a_subclass_tests_and_resumes_as_that_class(tiny_mnist: Path, tmp_path: Path):
     main(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "1", "--test_after_fit", "false",
-                  "--config", str(REPO / "configs" / "experiment" / "focal.yaml"), "--model.gamma", "3"))
+                  "--config", str(REPO / "configs" / "examples" / "focal.yaml"), "--model.gamma", "3"))
     last = only_run(tmp_path / "fit") / "checkpoints" / "last.ckpt"
     cli = main(["test", "--ckpt_path", str(last), "--torch_threads", "1",
                 "--trainer.logger.init_args.save_dir", str(tmp_path / "test")])
@@ -250,6 +253,7 @@ def test_a_checkpoint_of_a_subclass_tests_and_resumes_as_that_class(tiny_mnist: 
     assert "model.gamma (3.0 there, 1.0 here)" in message  # a checkpoint's own loss is not changed beside it
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_model_took_a_class_still_tests_and_resumes(tiny_mnist: Path, tmp_path: Path):
     old = REPO / "tests" / "data" / "main-3eff60a-last.ckpt"  # written by main at 3eff60a: 2 epochs, MLP 16-16
     assert "class_path" not in yaml.safe_load(torch.load(old, weights_only=True)["run_config"])["model"]

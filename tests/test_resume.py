@@ -78,6 +78,7 @@ def test_a_new_lr_on_a_resume_is_applied(tiny_mnist: Path, tmp_path: Path):
     assert lrs == pytest.approx([0.01 * cosine(t) for t in range(16, 64)], rel=1e-5)  # the same curve, a tenth
 
 
+@pytest.mark.slow
 def test_the_divergence_advice_works(tiny_mnist: Path, tmp_path: Path):
     main(fit_args(tiny_mnist, tmp_path / "good", "--trainer.max_epochs", "2", *STOP_AFTER_FIRST_EPOCH))
     last = only_run(tmp_path / "good") / "checkpoints" / "last.ckpt"  # a good checkpoint, mid-run
@@ -88,6 +89,7 @@ def test_the_divergence_advice_works(tiny_mnist: Path, tmp_path: Path):
     assert cli.trainer.global_step == 32 and all(torch.isfinite(p).all() for p in cli.model.parameters())
 
 
+@pytest.mark.slow
 def test_resume_continues_epoch_step_optimizer_and_schedule(tiny_mnist: Path, tmp_path: Path):
     constant = ("--model.lr_scheduler", "null")
     main(fit_args(tiny_mnist, tmp_path / "once", "--trainer.max_epochs", "2", *constant))
@@ -103,6 +105,7 @@ def test_resume_continues_epoch_step_optimizer_and_schedule(tiny_mnist: Path, tm
     assert [e.step for e in events.Scalars("val/acc")] == [31]  # only the second epoch ran
 
 
+@pytest.mark.slow
 def test_a_longer_resume_replans_the_cosine_continuously(tiny_mnist: Path, tmp_path: Path):
     # Stopped after epoch 0 of a 4-epoch plan (64 steps); resumed for 6 epochs (96 steps).
     main(fit_args(tiny_mnist, tmp_path / "first", "--trainer.max_epochs", "4", *STOP_AFTER_FIRST_EPOCH))
@@ -118,6 +121,7 @@ def test_a_longer_resume_replans_the_cosine_continuously(tiny_mnist: Path, tmp_p
     assert lrs[-1][1] < 1e-4 and all(a[1] > b[1] for a, b in zip(lrs[:-1], lrs[1:], strict=True))  # never climbs
 
 
+@pytest.mark.slow
 def test_extending_a_finished_schedule_is_refused_or_restarted_on_request(tiny_mnist: Path, tmp_path: Path):
     main(fit_args(tiny_mnist, tmp_path / "first", "--trainer.max_epochs", "2"))
     last = only_run(tmp_path / "first") / "checkpoints" / "last.ckpt"

@@ -2,6 +2,7 @@
 engine. Real fits on tiny IDX data, a few epochs each, in separate processes as a user runs them."""
 
 import csv
+import importlib
 import json
 import os
 import signal
@@ -71,6 +72,7 @@ def finished_search(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_two_workers_on_one_study_complete_exactly_the_trials_asked_once_each(finished_search: Path):
     trials = trials_of(finished_search, "s")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -92,6 +94,7 @@ def test_two_workers_on_one_study_complete_exactly_the_trials_asked_once_each(fi
         assert events.Scalars("hp/val_acc_best")[0].value == pytest.approx(trial.value)
 
 
+@pytest.mark.slow
 def test_a_search_leaves_its_tables_plots_and_a_best_config_that_fits_as_is(finished_search: Path,
                                                                          tmp_path: Path):
     folder = finished_search / "s"
@@ -117,6 +120,7 @@ def test_a_search_leaves_its_tables_plots_and_a_best_config_that_fits_as_is(fini
     assert "test/acc" in metrics
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_search_runs_nothing_and_another_space_is_refused(finished_search: Path):
     space = finished_search / "space.yaml"
     before = len(trials_of(finished_search, "s"))
@@ -131,6 +135,7 @@ def test_rerunning_a_finished_search_runs_nothing_and_another_space_is_refused(f
     assert message.startswith("error: The study 's'") and "data.batch_size" in message and "--name" in message
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_serves_the_finished_study_on_loopback(finished_search: Path):
     pytest.importorskip("optuna_dashboard")
     port = free_port()
@@ -160,8 +165,9 @@ def test_optuna_dashboard_serves_the_finished_study_on_loopback(finished_search:
         dashboard.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_space_over_a_modules_own_init_args_searches_them(tmp_path: Path, tiny_mnist: Path):
-    focal = ["--config", str(REPO / "configs" / "experiment" / "focal.yaml")]
+    focal = ["--config", str(REPO / "configs" / "examples" / "focal.yaml")]
     space = space_file(tmp_path, space={"model.gamma": {"type": "float", "low": 0.5, "high": 3.0}})
     done = search(tmp_path, "focal", *focal, "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=1)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -169,15 +175,16 @@ def test_a_space_over_a_modules_own_init_args_searches_them(tmp_path: Path, tiny
     assert len(trials) == 2
     for trial in trials:  # each trial's fit ran the subclass with the gamma the study chose
         config = yaml.safe_load((tmp_path / "focal" / "trials" / f"trial{trial.number}" / "config.yaml").read_text())
-        assert config["model"]["class_path"] == "mnist_lit.focal.FocalClassifier"
+        assert config["model"]["class_path"] == "mnist_lit.examples.focal.FocalClassifier"
         assert config["model"]["init_args"]["gamma"] == trial.params["model.gamma"]
     done = search(tmp_path, "ce", "--space", str(space), "--trials", "1", data=tiny_mnist, epochs=1)
     assert done.returncode != 0 and "model.gamma" in done.stderr  # the default classifier has no gamma: refused
 
 
+@pytest.mark.slow
 def test_the_993_space_searches_the_distortions_widths_and_schedule_of_each_trials_fit(tmp_path: Path,
                                                                                          tiny_mnist: Path):
-    """configs/search/mlp_993.yaml with the base configs and arguments scripts/search_993.py gives it."""
+    """configs/search/mlp_993.yaml with the base configs and arguments scripts/figures/search_993.py gives it."""
     base = ["--config", str(REPO / "configs" / "experiment" / "mlp_99.yaml")]
     space = yaml.safe_load((REPO / "configs" / "search" / "mlp_993.yaml").read_text())
     space["pruner"] = None  # one epoch of tiny data: nothing to prune
@@ -200,17 +207,19 @@ def test_the_993_space_searches_the_distortions_widths_and_schedule_of_each_tria
         assert model["net"]["class_path"] == "mnist_lit.model.MLP"  # still two hidden layers
 
 
+@pytest.mark.slow
 def test_commands_started_together_on_a_new_database_all_open_it(tmp_path: Path):
     """Optuna's schema is created by whichever command comes first; the others race it (its tables, then its
     version row) and must find it instead of failing. Two at a time failed about every other time before."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    opener = f"from mnist_lit.storage import open_storage; open_storage({url!r}); print('opened')"
+    opener = f"from mnist_lit.search.storage import open_storage; open_storage({url!r}); print('opened')"
     openers = [subprocess.Popen([sys.executable, "-W", "ignore", "-c", opener], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outputs = [process.communicate(timeout=300) for process in openers]
     assert [out.strip() for out, _ in outputs] == ["opened"] * 4, [err[-1500:] for _, err in outputs]
 
 
+@pytest.mark.slow
 def test_a_pruner_that_must_prune_stops_every_trial_after_its_first_epoch(tmp_path: Path, tiny_mnist: Path):
     space = space_file(tmp_path, pruner={"class_path": "optuna.pruners.ThresholdPruner",
                                          "init_args": {"lower": 1.01}})  # val/acc <= 1 < 1.01: always prune
@@ -275,6 +284,7 @@ def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finish
     assert "Restoring states from the checkpoint" in (tmp_path / "k" / "trials" / "trial0.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("commands", [1, 2], ids=["one-command-of-two-workers", "two-commands-started-together"])
 def test_a_sigkilled_search_resumes_its_own_trials_first_and_its_books_count_what_happened(tmp_path: Path,
                                                                                           tiny_mnist: Path,
@@ -317,7 +327,8 @@ def test_a_sigkilled_search_resumes_its_own_trials_first_and_its_books_count_wha
 
 
 @pytest.mark.parametrize("dimension, named", [
-    ({"model.net.init_args.hidden3": {"type": "int", "low": 8, "high": 16}}, "hidden3"),
+    pytest.param({"model.net.init_args.hidden3": {"type": "int", "low": 8, "high": 16}}, "hidden3",
+                 marks=pytest.mark.slow),  # found by a trial's fit failing
     ({"model.optimizer.init_args.lr": {"type": "float", "low": 0.5, "high": 0.1}}, "range [0.5, 0.1] is empty"),
     ({"model.optimizer.init_args.weight_decay": {"type": "float", "low": 0.0, "high": 0.01, "log": True}},
      "a log range must be above 0"),
@@ -333,3 +344,25 @@ def test_a_bad_search_space_is_one_paragraph_naming_the_key(tmp_path: Path, dime
     assert done.returncode == 1 and message.startswith("error: ") and "\n" not in message, done.stderr
     assert next(iter(dimension)).rsplit(".", 1)[-1] in message and named in message
     assert not (tmp_path / "bad" / "study.db").exists()  # refused before any study or trial
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("mnist_lit.pruning.TrialPruning", "mnist_lit.search.pruning.TrialPruning"),
+    ("mnist_lit.study.Plan", "mnist_lit.search.study.Plan"),
+    ("mnist_lit.search_space.SearchSpace", "mnist_lit.search.space.SearchSpace"),
+    ("mnist_lit.storage.open_storage", "mnist_lit.search.storage.open_storage"),
+    ("mnist_lit.search_report.write_search_results", "mnist_lit.search.report.write_search_results"),
+    ("mnist_lit.focal.FocalClassifier", "mnist_lit.examples.focal.FocalClassifier"),
+    ("mnist_lit.distillation.Distillation", "mnist_lit.examples.distillation.Distillation"),
+])
+def test_a_stored_class_path_from_before_the_move_still_names_the_same_class(old, new):
+    """Studies and checkpoints written before the search and the examples became wings store the old names
+    (every trial's config holds mnist_lit.pruning.TrialPruning): they resolve, as jsonargparse resolves them, to
+    the very same objects."""
+    def resolve(path: str):  # what jsonargparse does with a class_path: import the module, take the attribute
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    assert resolve(old) is resolve(new)
+    module = importlib.import_module(old.rpartition(".")[0])
+    assert module.__spec__.name == new.rpartition(".")[0]  # one module, under its own name

@@ -27,6 +27,7 @@ def grid(root: Path, data: Path, *extra: str, name: str = "lr", popen: bool = Fa
                   "--workers", "2", *extra, data=data, popen=popen)
 
 
+@pytest.mark.slow
 def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tiny_mnist: Path, tmp_path: Path):
     done = grid(tmp_path, tiny_mnist)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -48,6 +49,7 @@ def test_grid_times_seeds_gives_a_row_per_run_and_mean_std_per_configuration(tin
     assert study.execute("select state, count(*) from trials group by state").fetchall() == [("COMPLETE", 4)]
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_grid_exits_nonzero(tiny_mnist: Path, tmp_path: Path):
     done = search(tmp_path, "bad", "--grid", "data.val_size=100,100000", data=tiny_mnist, epochs=1,
                   fit=[*(a for a in FIT if a not in ("--data.val_size", "100")), "--torch_threads", "2"])
@@ -59,6 +61,7 @@ def test_a_failing_run_is_reported_and_the_grid_exits_nonzero(tiny_mnist: Path, 
     assert [r["status"] for r in read_csv(tmp_path / "bad" / "results.csv")] == ["ok", "failed"]
 
 
+@pytest.mark.slow
 def test_a_config_edited_while_the_runs_go_is_named_and_no_mixed_table_is_written(tiny_mnist: Path,
                                                                                    tmp_path: Path):
     config = tmp_path / "extra.yaml"

@@ -108,6 +108,7 @@ def get(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_runs_scalars_hparams_and_images(report_run: Path):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(report_run),

@@ -33,6 +33,7 @@ def net_weights(checkpoint: dict) -> list[torch.Tensor]:
     return [t for name, t in checkpoint["state_dict"].items() if name.startswith("net.")]
 
 
+@pytest.mark.slow
 def test_max_steps_is_exact_on_the_fast_path(tiny_mnist: Path, tmp_path: Path):
     run, automatic = fit(tiny_mnist, tmp_path / "fast", "--trainer.max_epochs", "5", "--trainer.max_steps", "37")
     reference, reference_automatic = fit(tiny_mnist, tmp_path / "lightning", "--trainer.max_epochs", "5",
@@ -43,6 +44,7 @@ def test_max_steps_is_exact_on_the_fast_path(tiny_mnist: Path, tmp_path: Path):
     assert val_steps(run) == val_steps(reference) == [15, 31]  # no validation at step 37, as in Lightning's loop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interval, expected", [("0.5", [7, 15, 23, 31]), ("4", [3, 7, 11, 15, 19, 23, 27, 31])])
 def test_val_check_interval_counts_batches(tiny_mnist: Path, tmp_path: Path, interval: str, expected: list[int]):
     run, automatic = fit(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2",
@@ -56,6 +58,7 @@ def test_check_val_every_n_epoch_on_the_fast_path(tiny_mnist: Path, tmp_path: Pa
     assert not automatic and val_steps(run) == [31, 63]
 
 
+@pytest.mark.slow
 def test_limit_train_batches_counts_batches(tiny_mnist: Path, tmp_path: Path):
     run, _ = fit(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6")
     assert last(run)["global_step"] == 12 and val_steps(run) == [5, 11]  # 6 SGD steps an epoch, not 6 calls
@@ -134,6 +137,7 @@ def test_a_callback_with_per_batch_hooks_switches_to_lightnings_loop(tiny_mnist:
     assert reasons == ["the callback BatchRecorder acts on every batch"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"],
     ["--trainer.callbacks+=lightning.pytorch.callbacks.StochasticWeightAveraging",

@@ -1,7 +1,7 @@
 """Screenshots of TensorBoard showing a real MNIST run, as a person sees it in a browser.
 
-    python scripts/tensorboard_screenshots.py                   # trains 4 epochs on real MNIST first
-    python scripts/tensorboard_screenshots.py --logdir logs/mnist/version_0
+    python scripts/figures/tensorboard_screenshots.py                   # trains 4 epochs on real MNIST first
+    python scripts/figures/tensorboard_screenshots.py --logdir logs/mnist/version_0
 
 Starts `tensorboard` on 127.0.0.1 and Debian's headless Chromium (`apt-get install chromium`),
 and writes docs/tensorboard-{scalars,images,hparams}.png.
@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
 PAGES = {"scalars": "#scalars&tagFilter=val%2F%7Ctrain%2F(loss%7Cacc%7Clr)", "images": "#images",

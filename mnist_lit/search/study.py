@@ -35,8 +35,8 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_lit.search_space import SearchSpace, as_argument, instantiate
-from mnist_lit.storage import open_storage
+from mnist_lit.search.space import SearchSpace, as_argument, instantiate
+from mnist_lit.search.storage import open_storage
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.RUNNING, TrialState.WAITING)
@@ -98,7 +98,7 @@ class Plan:
         if self.space is not None:  # a search never looks at the test set, and reports every epoch
             command += ["--test_after_fit", "false"]
             if resume is None:  # a checkpoint's own config has the callback already
-                command += ["--trainer.callbacks+=mnist_lit.pruning.TrialPruning", "--trainer.callbacks.storage",
+                command += ["--trainer.callbacks+=mnist_lit.search.pruning.TrialPruning", "--trainer.callbacks.storage",
                             self.storage, "--trainer.callbacks.study_name", self.name]
         return command + value_arguments(params) + (["--ckpt_path", str(resume)] if resume else [])
 
@@ -317,7 +317,7 @@ class Worker(threading.Thread):
     def fit(self, trial: optuna.Trial, params: dict, run: Path) -> float:
         last = run / "checkpoints" / "last.ckpt"
         command = self.plan.fit_command(params, run, last if last.is_file() else None)
-        trial.set_user_attr("run_path", str(run))  # how the trial's fit finds its trial (mnist_lit.pruning)
+        trial.set_user_attr("run_path", str(run))  # how the trial's fit finds its trial (mnist_lit.search.pruning)
         if last.is_file():  # interrupted: continue where it stopped, in the same folder
             config = run / "config.yaml"  # Lightning refuses to overwrite it; keep the first one
             if config.is_file():

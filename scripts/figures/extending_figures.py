@@ -1,8 +1,8 @@
 """The worked examples of docs/extending.md ("Add a loss or a training method") measured on real MNIST, next to
 the default: t10k test accuracy and wall time per run, written into that page's generated block.
 
-    python scripts/extending_figures.py --mnist ../shared/datasets/mnist          # ~6 min on 2 cores
-    python scripts/extending_figures.py --mnist ../shared/datasets/mnist --seeds 0 --no-docs
+    python scripts/figures/extending_figures.py --mnist ../shared/datasets/mnist          # ~6 min on 2 cores
+    python scripts/figures/extending_figures.py --mnist ../shared/datasets/mnist --seeds 0 --no-docs
 
 Every run is an ordinary ``python -m mnist_lit fit`` process on one torch thread, one at a time, timed from
 launch to exit (fit and its test pass). The teacher of the distillation row is a ``mlp_99.yaml`` run (its own
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from generated_block import header, publish
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 DOC = REPO / "docs" / "extending.md"
 
@@ -30,7 +30,7 @@ DOC = REPO / "docs" / "extending.md"
 def fit(logs: Path, data: Path, seed: int, *configs: str, extra: tuple[str, ...] = ()) -> dict:
     """One run; its metrics.json, with the wall time from launch to exit."""
     args = [sys.executable, "-m", "mnist_lit", "fit", "--config", str(CONFIGS / "default.yaml"),
-            *(a for c in configs for a in ("--config", str(CONFIGS / "experiment" / c))),
+            *(a for c in configs for a in ("--config", str(CONFIGS / c))),
             "--seed_everything", str(seed), "--torch_threads", "1", "--data.data_dir", str(data),
             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(logs), *extra]
     start = time.perf_counter()
@@ -61,23 +61,24 @@ def main() -> None:
         for f in Path(options.mnist).glob("*-ubyte.gz"):
             shutil.copyfile(f, data / "MNIST" / "raw" / f.name)
         logs = Path(tmp) / "logs"
-        teacher = fit(logs, data, 0, "mlp_99.yaml")
+        teacher = fit(logs, data, 0, "experiment/mlp_99.yaml")
         rows = {"`default.yaml` (cross-entropy, 784-512-256)": [],
                 "`+ focal.yaml`: `FocalClassifier`, overrides `loss` (γ 2)": [],
                 "`+ distill.yaml`: `Distillation`, overrides `model_step` (T 4, α 0.9), teacher below": []}
         for seed in options.seeds:
-            for runs, configs in zip(rows.values(), ([], ["focal.yaml"], ["distill.yaml"]), strict=True):
-                extra = ("--model.teacher_checkpoint", teacher["best"]) if configs == ["distill.yaml"] else ()
+            for runs, configs in zip(rows.values(), ([], ["examples/focal.yaml"], ["examples/distill.yaml"]),
+                                     strict=True):
+                extra = ("--model.teacher_checkpoint", teacher["best"]) if configs == ["examples/distill.yaml"] else ()
                 runs.append(fit(logs, data, seed, *configs, extra=extra))
         rows["teacher: `+ mlp_99.yaml` (1024-1024, affine augmentation, 30 epochs), seed 0"] = [teacher]
     seeds = " ".join(map(str, options.seeds))
-    lines = [header("extending_figures.py", "real MNIST, one torch thread, one run at a time"),
+    lines = [header("figures/extending_figures.py", "real MNIST, one torch thread, one run at a time"),
              f"| run (seeds {seeds} unless said) | t10k test accuracy | wall time per run, launch to exit "
              "(fit + test) |",
              "|---|---|---|"]
     lines += [f"| {label} | {cell([r['test_acc'] for r in runs], 4)} | {cell([r['wall'] for r in runs], 1)} s |"
               for label, runs in rows.items()]
-    publish(DOC, "extending_figures.py", lines, print_only=options.no_docs)
+    publish(DOC, "figures/extending_figures.py", lines, print_only=options.no_docs)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
      one at a time with 2 torch threads (the whole machine, as on a researcher's own): the test set is read here
      alone, once per run.
 
-    python scripts/search_993.py              # about 45 minutes on 2 cores; a finished study is not trained again
-    python scripts/search_993.py --only-docs  # rewrite the figures from the studies' own tables
+    python scripts/figures/search_993.py              # about 45 minutes on 2 cores; a finished study is not run again
+    python scripts/figures/search_993.py --only-docs  # rewrite the figures from the studies' own tables
 
 Run again, a finished study only rewrites its tables, so the figures can be regenerated without training.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts" / "figures"))
 from generated_block import header, replace_block  # noqa: E402
 
 ROOT = REPO / "logs" / "search"
@@ -141,8 +141,8 @@ def write_docs(finalist_trials: list[dict]) -> None:
     for name, config in RECIPES.items():
         r = results[name]
         readme_rows.append(f"| `{config}` | **{r['test']}** ({r['each']}) | {r['val']} | {r['wall']} s |")
-    top = header("search_993.py", "real MNIST, `python scripts/search_993.py`")
-    replace_block(REPO / "README.md", "search_993.py", [top, *readme_rows])
+    top = header("figures/search_993.py", "real MNIST, `python scripts/figures/search_993.py`")
+    replace_block(REPO / "README.md", "figures/search_993.py", [top, *readme_rows])
     doc = ["| stage | what ran | figures |", "|---|---|---|",
            f"| 1. proxies | `configs/search/mlp_993.yaml`, {PROXY_EPOCHS} epochs, median pruning, 2 workers | "
            f"{count}; {int(span) / 60:.1f} min, first start to last end |"]
@@ -163,7 +163,7 @@ def write_docs(finalist_trials: list[dict]) -> None:
     for name in RECIPES:
         details += [f"### Stage 3, `logs/search/{name}-seeds/results.md`", "",
                     (ROOT / f"{name}-seeds" / "results.md").read_text()]
-    replace_block(REPO / "docs" / "search-993.md", "search_993.py", [top, *details])
+    replace_block(REPO / "docs" / "search-993.md", "figures/search_993.py", [top, *details])
     draw_curves(REPO / "docs" / "search-993-curves.png")
     for plot in ("history", "importances"):
         (REPO / "docs" / f"search-993-{plot}.png").write_bytes((ROOT / "mlp993-proxy" / f"{plot}.png").read_bytes())

@@ -1,7 +1,7 @@
 """Training speed side by side: mnist_lit's fast path and its Lightning loop vs a plain PyTorch loop.
 
-    python scripts/benchmark.py                  # CPU: ~40 min on 2 cores; rewrites docs/benchmarks.md + .png
-    python scripts/benchmark.py --repeats 1 --no-docs --no-extras --textbook
+    python scripts/measure/benchmark.py                  # CPU: ~40 min on 2 cores; rewrites docs/benchmarks.md + .png
+    python scripts/measure/benchmark.py --repeats 1 --no-docs --no-extras --textbook
 
 Every variant is its own process (start-up counts), on the same data, model (784-512-256-10), SGD
 settings and epochs: at batch 64, 128 and 512, each at 1 and 2 torch threads, the plain loop,
@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "measure"
 MNIST_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 TRAIN_ROWS = 55_000
 
@@ -310,7 +310,7 @@ def main() -> None:
                 print(f"[{repeat + 1}/{args.repeats}] {name}: {json.dumps(runs[name][-1])}", flush=True)
         report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "repeats": args.repeats,
                   "epochs": args.epochs, "threads": args.threads,
-                  "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:]), "runs": runs,
+                  "command": "python scripts/measure/benchmark.py " + " ".join(sys.argv[1:]), "runs": runs,
                   "ratios": {k: ratios(runs, k) for k in ("epoch_s", "wall_s", "peak_rss_mb")}}
         if not args.no_extras:
             report["time_to_accuracy"] = time_to_accuracy(args.mnist, work / "tta", args.threads)

@@ -32,10 +32,10 @@ if importlib.util.find_spec("optuna") is None:
     sys.exit("error: python -m mnist_lit.search needs Optuna: pip install -e '.[search]' (scripts/setup.sh installs "
              "it with the dev tools).")
 
-from mnist_lit.search_report import write_grid_results, write_search_results  # noqa: E402
-from mnist_lit.search_space import SearchSpace, SearchSpaceError  # noqa: E402
-from mnist_lit.storage import quiet_optuna  # noqa: E402
-from mnist_lit.study import (  # noqa: E402
+from mnist_lit.search.report import write_grid_results, write_search_results  # noqa: E402
+from mnist_lit.search.space import SearchSpace, SearchSpaceError  # noqa: E402
+from mnist_lit.search.storage import quiet_optuna  # noqa: E402
+from mnist_lit.search.study import (  # noqa: E402
     AskLock,
     Plan,
     StudyMismatch,
@@ -213,6 +213,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

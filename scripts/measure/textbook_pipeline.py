@@ -1,6 +1,6 @@
 """The popular way to feed MNIST to Lightning, for comparison: torchvision dataset, ToTensor/Normalize, DataLoader.
 
-    python scripts/textbook_pipeline.py --data-dir data --epochs 2 --batch-size 128 --num-workers 0
+    python scripts/measure/textbook_pipeline.py --data-dir data --epochs 2 --batch-size 128 --num-workers 0
 
 Same LightningModule (mnist_lit's MNISTClassifier, default MLP and SGD settings), same split sizes,
 TensorBoard logger and checkpoints; only the data path differs: every sample goes through PIL and

@@ -1,7 +1,7 @@
 """The speed limit: the same MLP and SGD as mnist_lit, as a raw PyTorch loop (no Lightning, no DataLoader).
 
-    python scripts/plain_loop.py --data-dir data --epochs 2 --batch-size 64
-    python scripts/plain_loop.py --data-dir data --clip-val 0.5 --clip-algorithm norm --accumulate 2 --save w.pt
+    python scripts/measure/plain_loop.py --data-dir data --epochs 2 --batch-size 64
+    python scripts/measure/plain_loop.py --data-dir data --clip-val 0.5 --clip-algorithm norm --accumulate 2 --save w.pt
 
 Reads the same IDX files, makes the same 55,000/5,000 split and the same in-memory batches,
 normalized by the same operations, then prints one JSON line per epoch (training seconds, val and
@@ -58,11 +58,14 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=5000)
     parser.add_argument("--save", default=None, help="write the trained network's parameters (a list) here")
     parser.add_argument("--threads", type=int, default=None, help="default: PyTorch's (one per core)")
+    parser.add_argument("--keep-denormal", dest="flush_denormal", action="store_false",
+                        help="keep subnormal floats (default: flushed in every thread, as mnist_lit fit does)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(args.flush_denormal)  # before the first computation: OpenMP's workers inherit it
     torch.manual_seed(args.seed)
 
     raw, device = Path(args.data_dir) / "MNIST" / "raw", torch.device(args.device)

@@ -2,21 +2,24 @@
 batches), the augmentation alone, on one torch thread, on real MNIST pixels; the fastest of 3 rounds, the
 augmentations taking turns within each round.
 
-    python scripts/augment_cost.py --mnist ../shared/datasets/mnist            # rewrites docs/extending.md's block
-    python scripts/augment_cost.py --mnist ../shared/datasets/mnist --no-docs
+    python scripts/measure/augment_cost.py --mnist ../shared/datasets/mnist  # rewrites docs/extending.md's block
+    python scripts/measure/augment_cost.py --mnist ../shared/datasets/mnist --no-docs
 """
 
 import argparse
 import gzip
+import sys
 import time
 from pathlib import Path
 
 import torch
-from generated_block import header, publish
 
 from mnist_lit.augment import Compose, ElasticDeformation, RandomAffine
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "figures"))  # the docs' blocks: scripts/figures/
+from generated_block import header, publish  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 AUGMENTS = {"`RandomAffine()` (±10°, ±2 px, 90-110 %)": RandomAffine(),
             "`ElasticDeformation()` (α 34, σ 4)": ElasticDeformation(),
             "`Compose([ElasticDeformation(), RandomAffine()])`": Compose([ElasticDeformation(), RandomAffine()])}
@@ -38,12 +41,12 @@ def main() -> None:
             for i, batch in enumerate(batches):
                 augment(batch.float(), torch.Generator().manual_seed(i))
             best[name] = min(best[name], time.perf_counter() - started)
-    lines = [header("augment_cost.py", "one torch thread"),
+    lines = [header("measure/augment_cost.py", "one torch thread"),
              "| augmentation | s per epoch (55,000 images, batch 128), the augmentation alone | × RandomAffine's |",
              "|---|---|---|"]
     affine = next(iter(best.values()))
     lines += [f"| {name} | {s:.2f} | {s / affine:.1f} |" for name, s in best.items()]
-    publish(DOC, "augment_cost.py", lines, print_only=options.no_docs)
+    publish(DOC, "measure/augment_cost.py", lines, print_only=options.no_docs)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import lightning as L
 import optuna
 from optuna.trial import TrialState
 
-from mnist_lit.search_space import instantiate
-from mnist_lit.storage import open_storage, quiet_optuna
+from mnist_lit.search.space import instantiate
+from mnist_lit.search.storage import open_storage, quiet_optuna
 
 
 class TrialPruning(L.Callback):

@@ -1,8 +1,8 @@
 """How many SGD steps one fast-path call should take: the fast path's epoch against a plain PyTorch loop's epoch
 run in the same process, on the same batches, for several ``--model.steps_per_training_step``.
 
-    python scripts/call_length.py                      # ~7 min on 2 cores; rewrites docs/benchmarks.md's block
-    python scripts/call_length.py --steps 64 256 --batch-sizes 64 --repeats 1 --no-docs
+    python scripts/measure/call_length.py                      # ~7 min on 2 cores; rewrites docs/benchmarks.md's block
+    python scripts/measure/call_length.py --steps 64 256 --batch-sizes 64 --repeats 1 --no-docs
 
 Each run is one ``python -m mnist_lit fit`` of the default config (progress bar and logger on, validation off)
 with ``bench_probe.PlainBeside``: after each training epoch it trains a copy of the network for one epoch with a
@@ -22,9 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from generated_block import header, publish
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "figures"))  # the docs' blocks: scripts/figures/
+from generated_block import header, publish  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "benchmarks.md"
 
 
@@ -41,7 +42,7 @@ def run(data: Path, work: Path, steps: int, batch: int, threads: int, epochs: in
             "--trainer.callbacks+=bench_probe.PlainBeside", *extra]
     with (work / "log.txt").open("w") as log:
         done = subprocess.run(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=900,
-                              env={**os.environ, "PYTHONPATH": str(REPO / "scripts"),
+                              env={**os.environ, "PYTHONPATH": str(REPO / "scripts" / "measure"),
                                    "BENCHMARK_PROBE_OUT": str(probe)})
     if done.returncode != 0:
         sys.exit(f"call_length: {' '.join(argv)} failed; its output is in {work / 'log.txt'}")
@@ -80,7 +81,7 @@ def main() -> None:
                 plain[batch].append(plain_s)
             print(f"batch {batch}, {row} steps/call, repeat {repeat}: {ratio:.3f}", flush=True)
     columns = " | ".join(f"batch {b}: fast / plain, min / median" for b in options.batch_sizes)
-    lines = [header("call_length.py", f"{options.threads} torch threads, {options.epochs} epochs a run, "
+    lines = [header("measure/call_length.py", f"{options.threads} torch threads, {options.epochs} epochs a run, "
                                       f"{options.repeats} repeats"),
              "", f"| steps per call, at most | {columns} |", "|---|" + "---|" * len(options.batch_sizes)]
     for row in rows:
@@ -91,7 +92,7 @@ def main() -> None:
               for b in options.batch_sizes}
     lines += ["", "Plain loop, seconds per epoch in turn (median over the runs): "
               + "; ".join(f"batch {b}: {seconds}" for b, seconds in epochs.items()) + "."]
-    publish(DOC, "call_length.py", lines, print_only=options.no_docs)
+    publish(DOC, "measure/call_length.py", lines, print_only=options.no_docs)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 student network trained to match a frozen teacher's softened probabilities as well as the labels.
 
     python -m mnist_lit fit --config configs/default.yaml --config configs/experiment/mlp_99.yaml   # the teacher
-    python -m mnist_lit fit --config configs/default.yaml --config configs/experiment/distill.yaml \\
+    python -m mnist_lit fit --config configs/default.yaml --config configs/examples/distill.yaml \\
         --model.teacher_checkpoint logs/mnist/version_0/checkpoints/last.ckpt
 
 The teacher is any checkpoint mnist_lit wrote (its module rebuilt from the config the checkpoint carries),
@@ -20,6 +20,7 @@ from jsonargparse.typing import PositiveFloat
 
 from mnist_lit.checkpoints import CheckpointError, load_checkpoint, rebuild_module
 from mnist_lit.model import MNISTClassifier, network
+from mnist_lit.trust import trusted_packages
 
 
 class Distillation(MNISTClassifier):
@@ -30,21 +31,26 @@ class Distillation(MNISTClassifier):
         teacher_checkpoint: a checkpoint of a trained module (e.g. ``<run>/checkpoints/last.ckpt``), the teacher.
         temperature: T, the softening of both networks' softmax in the distillation term.
         alpha: weight of the distillation term; ``1 - alpha`` weighs the cross-entropy with the labels.
+        trust_imports: the packages (comma-separated) that the teacher's checkpoint may import beyond the vouched
+            ones (``mnist_lit.trust``): a teacher from elsewhere that names code of its own is refused without it.
         **kwargs: ``MNISTClassifier``'s arguments; its ``net`` is the student.
     """
 
-    def __init__(self, teacher_checkpoint: str, temperature: PositiveFloat = 4.0, alpha: float = 0.9, **kwargs):
+    def __init__(self, teacher_checkpoint: str, temperature: PositiveFloat = 4.0, alpha: float = 0.9,
+                 trust_imports: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
         self.teacher_checkpoint, self.temperature, self.alpha = teacher_checkpoint, temperature, alpha
+        self.trust_imports = trust_imports
         self.__dict__["teacher"] = None  # not a submodule: out of parameters(), state_dict() and .train()
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.teacher is None:
             self.check_teacher_data()
-            teacher = network(rebuild_module(self.teacher_checkpoint)).eval().requires_grad_(False)
+            module = rebuild_module(self.teacher_checkpoint, trusted_packages(self.trust_imports))
+            teacher = network(module).eval().requires_grad_(False)
             self.__dict__["teacher"] = teacher
 
     def check_teacher_data(self) -> None:

@@ -1,7 +1,7 @@
 """A loss of one's own, the worked example: the focal loss (Lin et al. 2017, "Focal Loss for Dense Object
 Detection"), which down-weights the examples the network already gets right.
 
-    python -m mnist_lit fit --config configs/default.yaml --config configs/experiment/focal.yaml
+    python -m mnist_lit fit --config configs/default.yaml --config configs/examples/focal.yaml
 
 The whole change is one method, ``loss``: training (both loops), validation and test all call it through
 ``MNISTClassifier.model_step``, and the fit keeps the fast path (docs/extending.md).

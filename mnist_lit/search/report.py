@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_lit.study import DONE, Plan, runs_of
+from mnist_lit.search.study import DONE, Plan, runs_of
 
 METRICS = ("test/acc", "val/acc_best", "test/loss")  # a grid's summary per configuration, with the wall time
 TOP = 10
