@@ -25,6 +25,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid
 
 STAGES = ("val", "test")
+STEP_METHODS = {"val": "validation_step", "test": "test_step"}  # the LightningModule's method behind each stage
 
 
 class TensorBoardReport(L.Callback):
@@ -150,7 +151,7 @@ class TensorBoardReport(L.Callback):
         if not fits and stage not in self.stepped_aside:
             self.stepped_aside.add(stage)
             rank_zero_info(f"mnist_lit: the {stage} digits, confusion matrix and per-class accuracy step aside: "
-                           f"{type(trainer.lightning_module).__name__}.{stage}_step returns "
+                           f"{type(trainer.lightning_module).__name__}.{STEP_METHODS[stage]} returns "
                            f"{type(outputs).__name__}, not (B, classes) logits of an (images, labels) batch.")
         return fits
 

@@ -15,6 +15,7 @@ from research_modules import SMOOTHING
 from conftest import REPO, fit_args, only_run
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
+from mnist_lit.denormals import set_flush_denormal
 from mnist_lit.model import MLP
 
 EPOCHS, BATCH = 5, 8  # tiny_mnist: 500 training rows at batch 8 = 63 batches an epoch (the last of 4), 315 in all
@@ -54,6 +55,7 @@ def mnist_lit_weights(data: Path, logs: Path, clip_val=None, clip_algorithm="nor
 def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumulate=1,
                       label_smoothing=0.0) -> list[torch.Tensor]:
     torch.set_num_threads(1)
+    set_flush_denormal(True)  # as mnist_lit's fit and the plain loop do by default: the same arithmetic in all three
     L.seed_everything(0)
     model = PlainLightning(label_smoothing)
     trainer = L.Trainer(max_epochs=EPOCHS, gradient_clip_val=clip_val, gradient_clip_algorithm=clip_algorithm,

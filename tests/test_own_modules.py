@@ -157,7 +157,9 @@ def test_its_own_validation_step_steps_the_pictures_aside(tiny_mnist: Path, tmp_
                         "--model", "research_modules.OwnValidation"))
     run = only_run(tmp_path / "logs")
     assert cli.model.loop == "fast" and cli.trainer.global_step == STEPS
-    assert "the val digits, confusion matrix and per-class accuracy step aside" in said()
+    notice = said()
+    assert "the val digits, confusion matrix and per-class accuracy step aside" in notice
+    assert "OwnValidation.validation_step returns NoneType" in notice  # the method's own name
     events = read_events(run)
     assert len(scalar(events, "val/acc")) == 2 and "val/acc_best" not in events.Tags()["scalars"]  # not a false 0
     record = json.loads((run / "metrics.json").read_text())

@@ -193,3 +193,15 @@ def test_a_model_trained_on_mnist_reads_real_digits_handed_over_as_pictures(real
     with (only_run(tmp_path / "predict") / "predictions.csv").open() as f:
         predicted = torch.tensor([int(r["predicted"]) for r in csv.DictReader(f)])
     assert (predicted == labels).float().mean() > 0.93  # the model scores ~0.975 on the untouched digits
+
+
+def test_a_predict_step_without_probabilities_gets_a_notice_and_no_csv(tiny_mnist: Path, tmp_path: Path, caplog):
+    """PredictionWriter steps aside for a module's own predict_step that returns something else, saying what."""
+    main(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "1", "--test_after_fit", "false",
+                  "--model", "research_modules.ClassPredictions"))
+    checkpoint = only_run(tmp_path / "fit") / "checkpoints" / "last.ckpt"
+    with caplog.at_level("INFO"):
+        main(predict_args(checkpoint, tmp_path / "logs", "--data.data_dir", str(tiny_mnist),
+                          "--data.verify_checksums", "false"))
+    assert "predictions.csv steps aside: ClassPredictions.predict_step returns a tensor of shape (200,)" in caplog.text
+    assert not (only_run(tmp_path / "logs") / "predictions.csv").exists()
