@@ -64,7 +64,7 @@ from mnist_lit.runs import (
     with_run_config,
     write_results,
 )
-from mnist_lit.trust import TRUST_OPTION, UntrustedImports, check_imports, named_by_user
+from mnist_lit.trust import TRUST_OPTION, UntrustedImports, check_imports, named_by_user, without_trust
 
 TRAINER_DEFAULTS = {
     # One TensorBoard run per invocation: logs/mnist/version_N/, config.yaml and checkpoints/ beside the events.
@@ -115,7 +115,7 @@ class MNISTCLI(LightningCLI):
         if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and argv[0] in self.subcommands():
             checkpoint = load_checkpoint(ckpt_path)
             check_imports(ckpt_path, checkpoint, named_by_user(argv))  # before anything it names is imported
-            self.run_config = checkpoint.get("run_config")
+            self.run_config = checkpoint.get("run_config") and without_trust(checkpoint["run_config"])
         super().parse_arguments(parser, with_run_config(argv, self.run_config) if self.run_config else args)
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         for handler in parser.logger.handlers:

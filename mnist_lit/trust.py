@@ -105,6 +105,16 @@ def trusted_packages(entry: str | None) -> set[str]:
     return {f"{module.strip()}.*" for module in (entry or "").split(",") if module.strip()}
 
 
+def without_trust(run_config: str) -> str:
+    """The run's config with every ``trust_imports`` it stored taken out (the CLI's, a teacher's): what a checkpoint
+    may import is the user's word on this command, never the checkpoint's own."""
+    def strip(tree):
+        if isinstance(tree, dict):
+            return {k: strip(v) for k, v in tree.items() if k != TRUST_OPTION[2:]}
+        return [strip(v) for v in tree] if isinstance(tree, list) else tree
+    return yaml.safe_dump(strip(yaml.safe_load(run_config)), sort_keys=False)
+
+
 def installation() -> list[Path]:
     """Where the Python installation keeps its modules: the standard library and every site-packages."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages()}

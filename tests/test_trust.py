@@ -159,3 +159,15 @@ def test_export_and_a_teacher_are_checked_too(checkpoint, foreign, tmp_path, tin
                                   "--model.teacher_checkpoint", str(evil)))
     assert f"{FOREIGN}.Net (at run config, model.init_args.net.class_path)" in message
     assert not foreign.exists()
+
+
+def test_a_checkpoint_cannot_vouch_for_its_own_teacher(checkpoint, foreign, tmp_path):
+    """A student's checkpoint stores its teacher's trust_imports; resuming it trusts only what the user says now."""
+    teacher = with_config(checkpoint, tmp_path / "teacher.ckpt", PLACES["network"])
+
+    def student(config):
+        config["model"]["class_path"] = "mnist_lit.examples.distillation.Distillation"
+        config["model"]["init_args"] |= {"teacher_checkpoint": str(teacher), "trust_imports": FOREIGN}
+    resumed = with_config(checkpoint, tmp_path / "student.ckpt", student)
+    message = fails_with(["fit", "--ckpt_path", str(resumed), "--trainer.max_epochs", "2"])
+    assert f"{teacher} names code" in message and f"{FOREIGN}.Net" in message and not foreign.exists()
