@@ -122,7 +122,7 @@ def installation() -> list[Path]:
     return [Path(p).resolve() for p in paths if p]
 
 
-def user_code(top: str, spec) -> bool:
+def user_code(spec) -> bool:
     """A top-level module of the user's own: found in the working directory or on PYTHONPATH, outside the Python
     installation (a virtual environment inside the working directory included)."""
     locations = [spec.origin] if spec.origin and spec.origin not in ("built-in", "frozen") else []
@@ -148,7 +148,7 @@ def vouched_for(name: str, vouched: set[str]) -> bool:
         spec = importlib.util.find_spec(top)  # top-level: imports nothing
     except (ImportError, ValueError):
         return False
-    return spec is None or user_code(top, spec)  # None: nothing to import, jsonargparse says it cannot
+    return spec is None or user_code(spec)  # None: nothing to import, jsonargparse says it cannot
 
 
 def check_imports(path: str, checkpoint: dict, vouched: Iterable[str] = ()) -> None:
