@@ -14,7 +14,8 @@ engine trains it one of two ways per fit, with the same weights bit for bit (tes
 - **Lightning's own loop** (automatic optimization, one batch per call), for every fit that asks for something
   only it honours step for step (``one_step_reasons``): gradient clipping or accumulation, ``val_check_interval``,
   several processes, a callback or module with per-batch hooks, a module's own ``training_step`` or
-  ``configure_optimizers``. The fit says why in one line.
+  ``configure_optimizers``. The fit says why in one line. An average of the weights (Lightning's
+  ``WeightAveraging``, ``EMAWeightAveraging``) keeps the fast path: its update runs after every SGD step.
 
 A module that sets ``self.automatic_optimization = False`` and writes its own ``training_step`` trains itself,
 as Lightning documents manual optimization: the engine then steps aside from training (schedules, train/*
@@ -64,9 +65,19 @@ PER_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero
 # configure_optimizers, whose schedule Lightning steps by the interval it returns.
 BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer", "backward",
                "optimizer_step", "optimizer_zero_grad", "configure_gradient_clipping", "configure_optimizers")
-# Callbacks that change the optimization itself from Lightning's loop (averaging, lr search, accumulation).
-ONE_STEP_CALLBACKS = (StochasticWeightAveraging, WeightAveraging, GradientAccumulationScheduler, BaseFinetuning,
+# Callbacks that change the optimization itself from Lightning's loop (SWA's own lr schedule, lr search,
+# accumulation). WeightAveraging (EMAWeightAveraging, or SWA as WeightAveraging) keeps the fast path: ``averages``.
+ONE_STEP_CALLBACKS = (StochasticWeightAveraging, GradientAccumulationScheduler, BaseFinetuning,
                       BatchSizeFinder, LearningRateFinder)
+
+
+def averages(callback: L.Callback) -> bool:
+    """A ``WeightAveraging`` callback whose only per-batch work is its own ``on_train_batch_end`` (update the average
+    after each optimizer step, when ``should_update`` says so): the fast path calls that hook after every SGD step,
+    as Lightning's loop does, so the averaged weights are the same bit for bit (tests/test_exactness.py)."""
+    return (isinstance(callback, WeightAveraging)
+            and type(callback).on_train_batch_end is WeightAveraging.on_train_batch_end
+            and not any(is_overridden(hook, callback, WeightAveraging) for hook in PER_BATCH_HOOKS))
 # The hooks in which the engine does its own work; a subclass's override of one gets it all the same.
 ENGINE_HOOKS = ("on_fit_start", "on_train_start", "on_before_optimizer_step", "on_train_epoch_end")
 
@@ -190,7 +201,7 @@ class Engine(L.LightningModule):
         # Per-batch hooks would run once per call of many batches; model checkpoints and progress bars are
         # exact here (the calls end at every_n_train_steps, the bar counts batches).
         per_batch = [callback for callback in trainer.callbacks
-                     if not isinstance(callback, (ModelCheckpoint, ProgressBar))
+                     if not isinstance(callback, (ModelCheckpoint, ProgressBar)) and not averages(callback)
                      and (isinstance(callback, ONE_STEP_CALLBACKS)
                           or any(is_overridden(hook, callback, L.Callback) for hook in PER_BATCH_HOOKS))]
         reasons += [f"the callback {type(callback).__name__} acts on every batch" for callback in per_batch]
@@ -269,6 +280,7 @@ class Engine(L.LightningModule):
                               and type(strategy).optimizer_step is Strategy.optimizer_step)
         self.step_hooks = [callback for callback in self.trainer.callbacks
                            if is_overridden("on_before_optimizer_step", callback, L.Callback)]
+        self.averagers = [callback for callback in self.trainer.callbacks if averages(callback)]
 
     # -- the optimizer and its schedule ----------------------------------------------------------------
 
@@ -404,6 +416,8 @@ class Engine(L.LightningModule):
             step()
             if per_step:
                 scheduler.step()
+            for callback in self.averagers:  # after each SGD step, as Lightning's loop calls it (``averages``)
+                callback.on_train_batch_end(self.trainer, self, None, batch, 0)
             losses.append(loss.detach())
             outputs.append(logits.detach() if logits is not None else None)
             targets.append(y)

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics import MaxMetric, MeanMetric
@@ -27,27 +27,42 @@ from torchmetrics.classification import MulticlassAccuracy
 from mnist_lit.engine import Engine
 from mnist_lit.optimization import OptimizerFactory, ScheduleFactory, built_class
 
+Fraction = ClosedUnitInterval  # a float in [0, 1]
+
 
 class MLP(nn.Module):
-    """784 -> hidden1 -> hidden2 -> num_classes with ReLU between; returns logits.
+    """784 -> hidden1 -> hidden2 -> num_classes with ReLU between; returns logits. Dropout (Srivastava et al. 2014:
+    0.2 on the pixels, 0.5 on the hidden units) zeroes that fraction of a layer's inputs while training, scaling the
+    rest up to keep their mean; evaluation uses every unit. At 0 (the default) it is not applied at all: the same
+    arithmetic, and the same random draws, as a network without it.
 
     Args:
         hidden1: width of the first hidden layer.
         hidden2: width of the second hidden layer.
         num_classes: number of outputs (logits).
+        dropout: the fraction of each hidden layer's units dropped while training.
+        input_dropout: the fraction of the 784 pixels dropped while training.
     """
 
-    def __init__(self, hidden1: PositiveInt = 512, hidden2: PositiveInt = 256, num_classes: PositiveInt = 10):
+    def __init__(self, hidden1: PositiveInt = 512, hidden2: PositiveInt = 256, num_classes: PositiveInt = 10,
+                 dropout: Fraction = 0.0, input_dropout: Fraction = 0.0):
         super().__init__()
-        self.layers = nn.Sequential(
+        self.layers = nn.Sequential(  # the checkpoints' keys: net.layers.{1,3,5}.{weight,bias}
             nn.Flatten(),  # (B, 28, 28) or (B, 784) -> (B, 784)
             nn.Linear(28 * 28, hidden1), nn.ReLU(),
             nn.Linear(hidden1, hidden2), nn.ReLU(),
             nn.Linear(hidden2, num_classes),  # (B, hidden2) -> (B, 10) logits
         )
+        self.dropout, self.input_dropout = dropout, input_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        if not (self.training and (self.dropout or self.input_dropout)):
+            return self.layers(x)
+        flatten, first, relu1, second, relu2, last = self.layers
+        x = F.dropout(flatten(x), self.input_dropout) if self.input_dropout else flatten(x)
+        x = F.dropout(relu1(first(x)), self.dropout) if self.dropout else relu1(first(x))
+        x = F.dropout(relu2(second(x)), self.dropout) if self.dropout else relu2(second(x))
+        return last(x)
 
 
 class SmallCNN(nn.Module):
@@ -117,6 +132,8 @@ class MNISTClassifier(Engine):
             call also ends after about a second, so that the progress bar moves); 1 trains every fit with
             Lightning's own loop.
         num_classes: number of classes the metrics count.
+        label_smoothing: cross-entropy against targets that give this much of their probability evenly to all
+            classes (Szegedy et al. 2016; ``F.cross_entropy``'s ``label_smoothing``); 0 is plain cross-entropy.
         compile: run the network through ``torch.compile`` (compiled when a fit, validate, test or
             predict starts; the first batches of each shape pay the compile time). Checkpoints are the
             same either way.
@@ -126,7 +143,8 @@ class MNISTClassifier(Engine):
                  lr_scheduler: ScheduleFactory | None = CosineAnnealingLR,
                  lr_scheduler_interval: Literal["step", "epoch"] | None = None, lr_scheduler_monitor: str = "val/loss",
                  finished_schedule: Literal["refuse", "restart"] = "refuse",
-                 steps_per_training_step: PositiveInt = 1024, num_classes: PositiveInt = 10, compile: bool = False):
+                 steps_per_training_step: PositiveInt = 1024, num_classes: PositiveInt = 10,
+                 label_smoothing: Fraction = 0.0, compile: bool = False):
         super().__init__()
         # finished_schedule says how to resume, not what was trained: kept out of the checkpoint's hyperparameters,
         # which LightningCLI puts over the flags given beside --ckpt_path, so that the flag given there applies.
@@ -137,6 +155,7 @@ class MNISTClassifier(Engine):
         self.optimizer_factory, self.schedule_factory = optimizer, lr_scheduler
         self.schedule_interval, self.schedule_monitor = lr_scheduler_interval, lr_scheduler_monitor
         self.finished_schedule, self.steps_per_training_step = finished_schedule, steps_per_training_step
+        self.label_smoothing = label_smoothing
         self.net = net if net is not None else MLP(num_classes=num_classes)
         self.net_forward = self.net.forward  # or its compiled version, set in setup()
         # Plain (micro) accuracy; validate_args=False skips per-update range checks that sync the device.
@@ -160,7 +179,7 @@ class MNISTClassifier(Engine):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of (B, 10) logits against (B,) class indices: cross-entropy (softmax is inside it)."""
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch

@@ -133,10 +133,49 @@ def test_elastic_alpha_zero_is_the_identity_and_the_fields_are_smooth_and_seeded
     a, b = (elastic(images, torch.Generator().manual_seed(s)) for s in (0, 0))
     assert torch.equal(a, b) and not torch.equal(a, elastic(images, torch.Generator().manual_seed(1)))
     raw = torch.rand(8, 2, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    field = elastic.smooth(raw) * 34
+    field = elastic.smooth(raw, 28, 28) * 34
     step = (field[..., 1:] - field[..., :-1]).abs().mean() / field.abs().mean()  # neighbours move together
     assert step < 0.3 < (raw[..., 1:] - raw[..., :-1]).abs().mean() / raw.abs().mean()
     assert 0.5 < field.abs().mean() < 3 and field.abs().max() < 10  # a few pixels, as Simard's alpha 34, sigma 4
+
+
+def test_one_draw_per_pixel_is_simards_gaussian_blur_of_uniform_noise():
+    """noise_spacing 1 (the default) is the separable Gaussian blur of per-pixel uniform noise, zero padded: written
+    out here as two 1-D convolutions, it gives the same field to rounding, so a seed's draws are what they were."""
+    elastic = ElasticDeformation(alpha=34, sigma=4)
+    taps = torch.exp(-0.5 * (torch.arange(-12, 13, dtype=torch.float32) / 4) ** 2)
+    taps /= taps.sum()
+    images = torch.rand(4, 28, 28) * 255
+    noise = torch.rand(4, 2, 28, 28, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    blurred = torch.nn.functional.conv2d(noise.reshape(8, 1, 28, 28), taps.view(1, 1, 25, 1), padding=(12, 0))
+    blurred = torch.nn.functional.conv2d(blurred, taps.view(1, 1, 1, 25), padding=(0, 12)).reshape(4, 2, 28, 28)
+    expected = ElasticDeformation.warp(images, blurred * 34)
+    torch.testing.assert_close(elastic(images, torch.Generator().manual_seed(5)), expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", [2, 4])
+def test_a_coarser_noise_grid_gives_the_same_field_statistics_from_fewer_draws(spacing: int):
+    """The field is linear in its noise, K_H @ noise @ K_W^T, so its covariance is exactly (var) K_H K_H^T (x)
+    K_W K_W^T: at spacing 2 and 4 that matrix is the per-pixel one's to within 1 and 3 %; and sampled fields
+    have that variance, and are different draws than spacing 1's."""
+    exact, coarse = ElasticDeformation(34, 4.0), ElasticDeformation(34, 4.0, noise_spacing=spacing)
+    like = torch.zeros(1)
+    k1, kh = exact.band(28, like), coarse.band(28, like)
+    assert kh.shape == (28, 28 // spacing)
+    cov1, covh = k1 @ k1.T, kh @ kh.T  # (28, 28) covariance along one axis, up to the noise's variance
+    tolerance = {2: 0.01, 4: 0.03}[spacing] * cov1.max().item()  # what the docstring promises (sigma 4)
+    torch.testing.assert_close(covh, cov1, atol=tolerance, rtol=0)
+    images = torch.zeros(2000, 28, 28)
+    images[:, 14, 14] = 255.0  # one lit pixel: where it lands shows the displacement there
+    noise = torch.randn(2000, 2, 28 // spacing, 28 // spacing, generator=torch.Generator().manual_seed(0)) / 3 ** .5
+    field = coarse.smooth(noise, 28, 28) * 34
+    variance = 34 ** 2 * cov1.diag()[14] ** 2 / 3  # at the centre pixel, per axis
+    assert abs(field[:, :, 14, 14].var().item() / variance - 1) < 0.1  # 4000 draws: within 10 %
+    a = exact(images[:8], torch.Generator().manual_seed(0))
+    b = coarse(images[:8], torch.Generator().manual_seed(0))
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="noise_spacing is 4, wider than sigma 3"):
+        ElasticDeformation(34, 3.0, noise_spacing=4)
 
 
 @pytest.mark.slow

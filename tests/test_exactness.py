@@ -10,12 +10,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from research_modules import SMOOTHING
 
 from conftest import REPO, fit_args, only_run
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.denormals import set_flush_denormal
+from mnist_lit.export import from_checkpoint
 from mnist_lit.model import MLP
 
 EPOCHS, BATCH = 5, 8  # tiny_mnist: 500 training rows at batch 8 = 63 batches an epoch (the last of 4), 315 in all
@@ -53,14 +55,15 @@ def mnist_lit_weights(data: Path, logs: Path, clip_val=None, clip_algorithm="nor
 
 
 def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumulate=1,
-                      label_smoothing=0.0) -> list[torch.Tensor]:
+                      label_smoothing=0.0, callbacks=()) -> list[torch.Tensor]:
     torch.set_num_threads(1)
     set_flush_denormal(True)  # as mnist_lit's fit and the plain loop do by default: the same arithmetic in all three
     L.seed_everything(0)
     model = PlainLightning(label_smoothing)
     trainer = L.Trainer(max_epochs=EPOCHS, gradient_clip_val=clip_val, gradient_clip_algorithm=clip_algorithm,
                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=list(callbacks))
     trainer.fit(model, MNISTDataModule(data_dir=str(data), verify_checksums=False, val_size=100, batch_size=BATCH))
     return [p.detach() for p in model.net.parameters()]
 
@@ -102,6 +105,49 @@ def test_weights_equal_lightnings_loop_and_the_plain_loop(tiny_mnist: Path, tmp_
     if trainer:  # the setting did change the training: this comparison could have failed
         default = plain_loop_weights(tiny_mnist, tmp_path / "default.pt")
         assert not all(torch.equal(a, b) for a, b in zip(ours, default, strict=True))
+
+
+@pytest.mark.slow
+def test_an_average_of_the_weights_keeps_the_fast_path_and_equals_lightnings_callback(tiny_mnist: Path,
+                                                                                     tmp_path: Path):
+    # Lightning's EMAWeightAveraging, updated after every SGD step (from step 100 on, every 2nd) on the fast path,
+    # gives the same average as the same callback on Lightning's documented loop; the checkpoint holds the average
+    # as its weights (what test, predict and export read) and the trained weights, untouched by the averaging.
+    ema = ["--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "0.9",
+           "--trainer.callbacks.update_every_n_steps", "2", "--trainer.callbacks.update_starting_at_step", "100"]
+    averaged, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", None, "norm", 1, *ema)
+    assert used == "fast"
+    reference = EMAWeightAveraging(decay=0.9, update_every_n_steps=2, update_starting_at_step=100)
+    assert_identical(averaged, lightning_weights(tiny_mnist, callbacks=[reference]), "EMA vs Lightning's callback")
+    last = only_run(tmp_path / "logs") / "checkpoints" / "last.ckpt"
+    trained = [t for name, t in torch.load(last, weights_only=True)["current_model_state"].items()
+               if name.startswith("net.")]
+    assert_identical(trained, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt"), "trained weights vs plain loop")
+    assert not any(torch.equal(a, b) for a, b in zip(averaged, trained, strict=True))  # the average is another point
+    exported = [p.detach() for p in from_checkpoint(str(last)).net.parameters()]
+    assert_identical(exported, averaged, "export of the checkpoint vs its average")
+
+
+@pytest.mark.slow
+def test_label_smoothing_is_cross_entropys_own_on_the_fast_path(tiny_mnist: Path, tmp_path: Path):
+    ours, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", None, "norm", 1,
+                                   "--model.label_smoothing", str(SMOOTHING))
+    assert used == "fast"
+    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt", label_smoothing=SMOOTHING),
+                     "--model.label_smoothing vs the plain loop's")
+
+
+@pytest.mark.slow
+def test_dropout_trains_the_same_weights_on_both_loops_and_other_weights_than_without(tiny_mnist: Path,
+                                                                                      tmp_path: Path):
+    dropout = ["--model.net.init_args.dropout", "0.3", "--model.net.init_args.input_dropout", "0.1"]
+    fast, used = mnist_lit_weights(tiny_mnist, tmp_path / "fast", None, "norm", 1, *dropout)
+    one, one_used = mnist_lit_weights(tiny_mnist, tmp_path / "one", None, "norm", 1, *dropout,
+                                      "--model.steps_per_training_step", "1")
+    assert (used, one_used) == ("fast", "lightning")
+    assert_identical(fast, one, "dropout: the fast path vs Lightning's loop")
+    without = plain_loop_weights(tiny_mnist, tmp_path / "plain.pt")
+    assert not any(torch.equal(a, b) for a, b in zip(fast, without, strict=True))
 
 
 @pytest.mark.slow
