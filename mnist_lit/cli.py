@@ -40,6 +40,7 @@ from mnist_lit.checkpoints import (
     check_fits,
     load_checkpoint,
 )
+from mnist_lit.clock import RunClock
 from mnist_lit.data import MNISTDataModule
 from mnist_lit.denormals import set_flush_denormal
 from mnist_lit.engine import TrainingDiverged
@@ -172,7 +173,10 @@ class MNISTCLI(LightningCLI):
         if config.trainer.enable_checkpointing is False or config.trainer.barebones:
             # Lightning refuses checkpoint callbacks then; the two this CLI always adds make way (no-op callbacks).
             config.checkpoint, config.last_checkpoint = L.Callback(), L.Callback()
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        self.clock = RunClock()  # metrics.json's "seconds": where the run's time went (mnist_lit/clock.py)
+        trainer.callbacks.append(self.clock)
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -189,7 +193,8 @@ class MNISTCLI(LightningCLI):
         elif self.config.fit.test_after_fit:
             (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results |= {k: test[k] for k in ("test/acc", "test/loss") if k in test}  # what the module logs of them
-        write_results(trainer, folder, results, best, resumed_from=self.config.fit.ckpt_path)
+        write_results(trainer, folder, results, best, resumed_from=self.config.fit.ckpt_path,
+                      seconds=self.clock.seconds())
         finish_loggers(trainer)
         if trainer.is_global_zero:
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best or None}\nRun folder: {folder}")

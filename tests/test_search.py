@@ -208,6 +208,54 @@ def test_the_993_space_searches_the_distortions_widths_and_schedule_of_each_tria
 
 
 @pytest.mark.slow
+def test_a_search_for_time_keeps_the_pareto_front_of_accuracy_against_seconds(tmp_path: Path, tiny_mnist: Path):
+    # Two objectives: each trial's val/acc_best and its fit's own launch-to-result seconds (metrics.json); no pruner,
+    # no per-epoch reports; top.md lists exactly the trials that no other beats on both, fastest first; best.yaml
+    # is the fastest of them that reaches the target; front.png draws them.
+    space = tmp_path / "time.yaml"
+    space.write_text(yaml.safe_dump({
+        "sampler": {"class_path": "optuna.samplers.RandomSampler", "init_args": {"seed": 0}},
+        "objectives": ["val/acc_best", "seconds"], "target": 0.3,
+        "space": {"trainer.max_epochs": {"type": "int", "low": 1, "high": 3},
+                  "model.net.init_args.hidden1": {"type": "int", "low": 8, "high": 96, "log": True}}}))
+    command = [*SEARCH, "--name", "fast", "--root", str(tmp_path / "s"), "--space", str(space), "--trials", "4",
+               "--config", str(REPO / "configs" / "default.yaml"), "--", "--data.data_dir", str(tiny_mnist), *FIT]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="fast", storage=f"sqlite:///{tmp_path / 's' / 'fast' / 'study.db'}")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    trials = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(trials) == 4
+    for t in trials:
+        record = json.loads((tmp_path / "s" / "fast" / t.user_attrs["run_folder"] / "metrics.json").read_text())
+        assert t.values == [record["metrics"]["val/acc_best"], record["seconds"]["total"]]
+        assert record["epochs"] == t.params["trainer.max_epochs"] and not t.intermediate_values
+        assert set(record["seconds"]) == {"start_up", "train", "validation", "test", "other", "total"}
+    front = {t.number for t in trials if not any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1]
+                                                 and o.values != t.values for o in trials)}
+    top = (tmp_path / "s" / "fast" / "top.md").read_text()
+    listed = [int(line.split("|")[1]) for line in top.splitlines() if line.startswith("| ") and "trial" not in line]
+    assert sorted(listed) == sorted(front)  # the front, each trial once
+    seconds = {t.number: t.values[1] for t in trials}
+    assert listed == sorted(listed, key=seconds.get)
+    reaching = [n for n in listed if study.trials[n].values[0] >= 0.3]
+    best = reaching[0] if reaching else max(listed, key=lambda n: study.trials[n].values[0])
+    assert (tmp_path / "s" / "fast" / "best.yaml").read_text().startswith(f"# Trial {best} of study 'fast'")
+    assert (tmp_path / "s" / "fast" / "front.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"objectives": ["val/acc_best", "seconds"], "pruner": {"class_path": "optuna.pruners.MedianPruner"}},
+     "Optuna's pruners judge one value per epoch"),
+    ({"objectives": ["seconds"]}, "'objectives' is ['seconds']"),
+    ({"target": 0.99}, "'target' is 0.99"),
+])
+def test_a_search_for_time_that_cannot_be_searched_is_refused(tmp_path: Path, changes: dict, named: str):
+    from mnist_lit.search.space import SearchSpace, SearchSpaceError
+    with pytest.raises(SearchSpaceError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        SearchSpace.load(space_file(tmp_path, **changes))
+
+
 def test_commands_started_together_on_a_new_database_all_open_it(tmp_path: Path):
     """Optuna's schema is created by whichever command comes first; the others race it (its tables, then its
     version row) and must find it instead of failing. Two at a time failed about every other time before."""

@@ -20,6 +20,7 @@ interrupted one resumes from its last.ckpt). Several machines: give every one th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import signal
 import subprocess
@@ -143,7 +144,7 @@ def plan_of(options: argparse.Namespace, passthrough: list[str]) -> Plan:
     plan = Plan(options.name, folder, storage, configs, passthrough, heartbeat=options.heartbeat or 60)
     if options.space:
         space = SearchSpace.load(options.space)
-        plan.space = SearchSpace(space.dimensions, space.sampler, None) if options.no_pruning else space
+        plan.space = dataclasses.replace(space, pruner=None) if options.no_pruning else space
         plan.trials = options.trials or 30
     else:
         plan.grid, plan.seeds = parse_grid(options.grid or []), options.seeds or [0]

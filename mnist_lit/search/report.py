@@ -96,18 +96,23 @@ def write_search_results(study: optuna.Study, plan: Plan) -> bool:
         return t.user_attrs.get("error") or (f"skipped: {t.user_attrs['skipped']}" if "skipped" in t.user_attrs
                                              else "")
 
-    rows = [{"trial": t.number, "state": t.state.name, "val/acc_best": t.value, **t.params,
+    timed = len(plan.space.objectives) > 1  # a Pareto front of val/acc_best against seconds
+    rows = [{"trial": t.number, "state": t.state.name, "val/acc_best": t.values[0] if t.values else None,
+             **({"seconds": t.values[1] if t.values else None} if timed else {}), **t.params,
              "epochs": t.user_attrs.get("epochs"), "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
              "wall_s": t.user_attrs.get("wall_s"), "run_folder": t.user_attrs.get("run_folder"),
              "note": note(t)} for t in trials]
     write_csv(plan.folder / "trials.csv", rows)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
-    header = ["trial", "val/acc_best", *(k.rsplit(".", 1)[-1] for k in keys), "epochs", "wall_s"]
+    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.values[0])
+    if timed:
+        ranked = sorted(pareto_front(ranked), key=lambda t: t.values[1])
+    header = ["trial", "val/acc_best", *(["seconds"] if timed else []), *(k.rsplit(".", 1)[-1] for k in keys),
+              "epochs", "wall_s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for t in ranked[:TOP]:
-        cells = [t.number, f"{t.value:.4f}", *(cell(t.params[k]) for k in keys), t.user_attrs.get("epochs"),
-                 t.user_attrs.get("wall_s")]
+    for t in ranked if timed else ranked[:TOP]:
+        cells = [t.number, f"{t.values[0]:.4f}", *([f"{t.values[1]:.1f}"] if timed else []),
+                 *(cell(t.params[k]) for k in keys), t.user_attrs.get("epochs"), t.user_attrs.get("wall_s")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     ended = [t for t in trials if t.datetime_complete is not None and t.datetime_start is not None]
     span = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)).total_seconds() \
@@ -118,14 +123,68 @@ def write_search_results(study: optuna.Study, plan: Plan) -> bool:
                f"{counts[TrialState.RUNNING]} running. Wall time from the first "
                f"trial's start to the last one's end: {span:.0f} s; the trials' own, added up: "
                f"{sum(t.user_attrs.get('wall_s', 0) for t in trials):.0f} s.")
-    top = f"Top {TOP} of study '{plan.name}' by val/acc_best (the test set is not looked at):\n\n" + \
-        "\n".join(lines) + f"\n\n{summary}\n"
+    if timed:
+        best, why = chosen(ranked, plan.space.target)
+        title = (f"The Pareto front of study '{plan.name}': no other trial is both more accurate and faster "
+                 f"(val/acc_best against the fit's launch-to-result seconds; the test set is not looked at), "
+                 f"fastest first. best.yaml: {why}.")
+    else:
+        best = ranked[0] if ranked else None
+        title = f"Top {TOP} of study '{plan.name}' by val/acc_best (the test set is not looked at):"
+    top = f"{title}\n\n" + "\n".join(lines) + f"\n\n{summary}\n"
     (plan.folder / "top.md").write_text(top)
     print(f"\n{top}All trials: {plan.folder / 'trials.csv'}")
-    if ranked:
-        write_best_config(plan, ranked[0])
-        write_plots(study, plan.folder)
+    if best is not None:
+        write_best_config(plan, best)
+        if timed:
+            write_front_plot(trials, ranked, plan)
+        else:
+            write_plots(study, plan.folder)
     return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= plan.trials
+
+
+def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that no other beats on both objectives (at least as accurate and as fast, better on one)."""
+    def beats(a: FrozenTrial, b: FrozenTrial) -> bool:
+        return a.values[0] >= b.values[0] and a.values[1] <= b.values[1] and a.values != b.values
+    return [t for t in trials if not any(beats(other, t) for other in trials)]
+
+
+def chosen(front: list[FrozenTrial], target: float | None) -> tuple[FrozenTrial | None, str]:
+    """best.yaml's trial from the front (fastest first): the fastest that reaches the target, else the most
+    accurate, and why."""
+    if not front:
+        return None, "none yet"
+    reaching = [t for t in front if target is not None and t.values[0] >= target]
+    if reaching:
+        return reaching[0], f"trial {reaching[0].number}, the fastest with val/acc_best >= {target}"
+    best = max(front, key=lambda t: t.values[0])
+    return best, (f"trial {best.number}, the most accurate (no trial reached the target {target})" if target
+                  else f"trial {best.number}, the most accurate (the space names no target)")
+
+
+def write_front_plot(trials: list[FrozenTrial], front: list[FrozenTrial], plan: Plan) -> None:
+    """front.png: every complete trial's val/acc_best against its seconds, the front joined, the target marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.scatter([t.values[1] for t in done], [t.values[0] for t in done], s=14, color="0.6", label="trials")
+    axes.plot([t.values[1] for t in front], [t.values[0] for t in front], "o-", color="C0", label="Pareto front")
+    for t in front:
+        axes.annotate(str(t.number), (t.values[1], t.values[0]), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)
+    if plan.space.target is not None:
+        axes.axhline(plan.space.target, color="C3", lw=0.8, ls="--", label=f"target {plan.space.target}")
+    axes.set_xlabel("seconds from launch to result (the trial's fit)")
+    axes.set_ylabel("val/acc_best")
+    axes.set_title(f"study '{plan.name}': accuracy against time")
+    axes.legend(loc="lower right")
+    figure.savefig(plan.folder / "front.png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
 
 
 def cell(value) -> str:
@@ -138,7 +197,9 @@ def write_best_config(plan: Plan, best: FrozenTrial) -> None:
     command = [sys.executable, "-m", "mnist_lit", "fit", *plan.base_arguments(best.params), "--print_config"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode == 0:
-        header = f"# Trial {best.number} of study '{plan.name}', val/acc_best {best.value:.4f}. Retrain over seeds:\n" \
+        timing = f", {best.values[1]:.1f} s launch to result" if len(best.values) > 1 else ""
+        header = f"# Trial {best.number} of study '{plan.name}', val/acc_best {best.values[0]:.4f}{timing}. " \
+                 "Retrain over seeds:\n" \
                  f"#   python -m mnist_lit.search --name {plan.name}-best --config {plan.folder / 'best.yaml'} " \
                  "--seeds 0 1 2\n"
         (plan.folder / "best.yaml").write_text(header + done.stdout)

@@ -10,6 +10,14 @@ the pruner, as class_path + init_args.
       data.batch_size: {type: categorical, choices: [64, 128, 256]}
 
 Each range is handed to ``trial.suggest_float / suggest_int / suggest_categorical`` as written.
+
+A search for time (configs/search/mlp_990_time.yaml) names two objectives, and may name a target:
+
+    objectives: [val/acc_best, seconds]   # maximize the one, minimize the other: a Pareto front
+    target: 0.99                          # best.yaml: the fastest trial on the front with val/acc_best >= 0.99
+
+``seconds`` is the trial's own launch-to-result time, from its metrics.json (``mnist_lit.clock``). Optuna's
+pruners do not apply to a study of two objectives: none is used, and a ``pruner`` given with them is refused.
 """
 
 from __future__ import annotations
@@ -54,11 +62,20 @@ def as_argument(key: str, value: Any) -> list[str]:
     return [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
 
 
+OBJECTIVES = {"val/acc_best": "maximize", "seconds": "minimize"}  # what a trial's metrics.json gives
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     dimensions: tuple[Dimension, ...]
     sampler: dict
     pruner: dict | None
+    objectives: tuple[str, ...] = ("val/acc_best",)
+    target: float | None = None
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[name] for name in self.objectives]
 
     @classmethod
     def load(cls, path: str | Path) -> SearchSpace:
@@ -70,13 +87,20 @@ class SearchSpace:
         if not isinstance(text, dict) or not isinstance(text.get("space"), dict) or not text["space"]:
             raise SearchSpaceError(f"--space {path} has no 'space:' mapping of dotted keys to ranges; see "
                                    "configs/search/mlp.yaml.")
-        unknown = set(text) - {"space", "sampler", "pruner"}
+        unknown = set(text) - {"space", "sampler", "pruner", "objectives", "target"}
         if unknown:
             raise SearchSpaceError(f"--space {path}: unknown top-level keys {sorted(unknown)}; the file has "
-                                   "'space', and optionally 'sampler' and 'pruner'.")
+                                   "'space', and optionally 'sampler', 'pruner', 'objectives' and 'target'.")
         dimensions = tuple(dimension(path, key, spec) for key, spec in text["space"].items())
-        return cls(dimensions, class_spec(path, "sampler", text.get("sampler", DEFAULT_SAMPLER)),
-                   class_spec(path, "pruner", text.get("pruner", DEFAULT_PRUNER)))
+        objectives, target = objectives_of(path, text)
+        if len(objectives) > 1 and text.get("pruner") is not None:
+            raise SearchSpaceError(f"--space {path} has two objectives ({', '.join(objectives)}) and a pruner: "
+                                   "Optuna's pruners judge one value per epoch, so they do not apply to a study of "
+                                   "two. Drop 'pruner' (a time search ranges over trainer.max_epochs instead, so a "
+                                   "short run is a cheap trial of its own), or search one objective.")
+        pruner = None if len(objectives) > 1 else class_spec(path, "pruner", text.get("pruner", DEFAULT_PRUNER))
+        return cls(dimensions, class_spec(path, "sampler", text.get("sampler", DEFAULT_SAMPLER)), pruner,
+                   objectives, target)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         return {d.key: d.suggest(trial) for d in self.dimensions}
@@ -88,6 +112,21 @@ class SearchSpace:
     def record(self) -> dict:
         """What the study keeps, so that every worker searches the same space."""
         return {d.key: {"type": d.kind, **d.options} for d in self.dimensions}
+
+
+def objectives_of(path, text: dict) -> tuple[tuple[str, ...], float | None]:
+    objectives, target = text.get("objectives", ["val/acc_best"]), text.get("target")
+    if not isinstance(objectives, list) or not objectives or objectives[0] != "val/acc_best" \
+            or not set(objectives) <= set(OBJECTIVES) or len(set(objectives)) != len(objectives):
+        raise SearchSpaceError(f"--space {path}: 'objectives' is {objectives!r}; give [val/acc_best] (the default) "
+                               "or [val/acc_best, seconds] (a Pareto front of accuracy against launch-to-result "
+                               "seconds).")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not 0 < target <= 1 or len(objectives) == 1):
+        raise SearchSpaceError(f"--space {path}: 'target' is {target!r}; it is a val/acc_best between 0 and 1, for "
+                               "a search with objectives [val/acc_best, seconds] (best.yaml: the fastest trial "
+                               "that reaches it).")
+    return tuple(objectives), None if target is None else float(target)
 
 
 def dimension(path, key: str, spec) -> Dimension:

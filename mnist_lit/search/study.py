@@ -68,8 +68,11 @@ class Plan:
     def record(self) -> dict:
         configs = {Path(c).name: hashlib.sha256(Path(c).read_bytes()).hexdigest()[:16] for c in self.configs}
         if self.space is not None:
-            return {"space": self.space.record(), "sampler": self.space.sampler, "pruner": self.space.pruner,
-                    "configs": configs, "passthrough": self.passthrough}
+            record = {"space": self.space.record(), "sampler": self.space.sampler, "pruner": self.space.pruner,
+                      "configs": configs, "passthrough": self.passthrough}
+            if len(self.space.objectives) > 1:  # a study of one objective keeps the record it always had
+                record |= {"objectives": list(self.space.objectives), "target": self.space.target}
+            return record
         return {"grid": self.grid, "seeds": self.seeds, "pruner": None, "configs": configs,
                 "passthrough": self.passthrough}
 
@@ -97,7 +100,8 @@ class Plan:
                    "--trainer.logger.init_args.name", run.parent.name, "--trainer.logger.init_args.version", run.name]
         if self.space is not None:  # a search never looks at the test set, and reports every epoch
             command += ["--test_after_fit", "false"]
-            if resume is None:  # a checkpoint's own config has the callback already
+            # A checkpoint's own config has the callback already; a study of two objectives takes no reports.
+            if resume is None and len(self.space.objectives) == 1:
                 command += ["--trainer.callbacks+=mnist_lit.search.pruning.TrialPruning", "--trainer.callbacks.storage",
                             self.storage, "--trainer.callbacks.study_name", self.name]
         return command + value_arguments(params) + (["--ckpt_path", str(resume)] if resume else [])
@@ -123,7 +127,12 @@ def configuration_name(overrides: dict[str, str]) -> str:
 def open_study(plan: Plan) -> optuna.Study:
     """Create the study, or load it and refuse to continue it with other arguments."""
     storage = open_storage(plan.storage, plan.heartbeat)
-    study = optuna.create_study(study_name=plan.name, storage=storage, direction="maximize", load_if_exists=True)
+    directions = plan.space.directions if plan.space is not None else ["maximize"]
+    try:
+        study = optuna.create_study(study_name=plan.name, storage=storage, directions=directions, load_if_exists=True)
+    except ValueError as err:  # Optuna: the stored study has other directions
+        raise StudyMismatch(f"The study '{plan.name}' in {plan.storage} was started with other objectives ({err}). "
+                            "Give the same search space to continue it, or another --name.") from None
     ours = json.loads(json.dumps(plan.record()))  # as the storage gives it back
     theirs = study.user_attrs.get("search")
     if theirs is None:
@@ -294,7 +303,7 @@ class Worker(threading.Thread):
             return "done"
         return "run" if waiting or done + running < self.plan.trials else "wait"
 
-    def objective(self, trial: optuna.Trial) -> float:
+    def objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
         study = trial.study
         trial.set_user_attr("worker", this_process())
         params = self.plan.params(trial)
@@ -314,7 +323,7 @@ class Worker(threading.Thread):
             raise TrialFailed("interrupted before it started")
         return self.fit(trial, params, self.plan.folder / run)
 
-    def fit(self, trial: optuna.Trial, params: dict, run: Path) -> float:
+    def fit(self, trial: optuna.Trial, params: dict, run: Path) -> float | tuple[float, float]:
         last = run / "checkpoints" / "last.ckpt"
         command = self.plan.fit_command(params, run, last if last.is_file() else None)
         trial.set_user_attr("run_path", str(run))  # how the trial's fit finds its trial (mnist_lit.search.pruning)
@@ -352,6 +361,11 @@ class Worker(threading.Thread):
         trial.set_user_attr("epochs", record["epochs"])
         (current,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
         value = record["metrics"]["val/acc_best"]
+        if self.plan.space is not None and len(self.plan.space.objectives) > 1:
+            seconds = record["seconds"]["total"]  # the fit's own launch to result (mnist_lit.clock)
+            trial.set_user_attr("seconds", record["seconds"])
+            say(f"[{self.name}] trial {trial.number}: val/acc_best {value:.4f} in {seconds:.1f} s")
+            return value, seconds
         if "pruned_at_epoch" in current.user_attrs:
             say(f"[{self.name}] trial {trial.number}: pruned after epoch {current.user_attrs['pruned_at_epoch']}"
                 f", val/acc_best {value:.4f} ({wall:.0f} s)")

@@ -1,0 +1,62 @@
+"""Where a run's seconds go, from the process's launch: start-up, training, validation, test and the rest.
+
+    python -m mnist_lit fit --config configs/default.yaml    # metrics.json: "seconds": {"start_up": ..., ...}
+
+``start_up`` runs from the process's creation (the interpreter, the imports, the config, the data) to the fit's
+start; ``train`` is the training epochs without the validation inside them; ``validation`` includes Lightning's
+sanity check; ``test`` is the fit's test pass; ``other`` is what is left until the results are written (the
+checkpoints, the pictures, the loggers). ``total`` is launch to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import lightning as L
+import psutil
+
+
+class RunClock(L.Callback):
+    """Wall seconds per part of a run (module docstring), read with ``seconds()``; the CLI adds one to every run."""
+
+    def __init__(self):
+        self.launched = psutil.Process().create_time()  # wall clock, seconds since the epoch
+        self.spent: dict[str, float] = defaultdict(float)
+        self.since: dict[str, float] = {}
+
+    def start(self, part: str) -> None:
+        self.since[part] = time.time()
+
+    def stop(self, part: str) -> float:
+        took = time.time() - self.since.pop(part, time.time())
+        self.spent[part] += took
+        return took
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.spent["start_up"] = time.time() - self.launched
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start("train")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.stop("train")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.start("validation")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        took = self.stop("validation")
+        if "train" in self.since:  # validation inside a training epoch: not training time
+            self.spent["train"] -= took
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.start("test")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.stop("test")
+
+    def seconds(self) -> dict[str, float]:
+        total = time.time() - self.launched
+        parts = {part: self.spent.get(part, 0.0) for part in ("start_up", "train", "validation", "test")}
+        return {k: round(v, 2) for k, v in (parts | {"other": total - sum(parts.values()), "total": total}).items()}
