@@ -194,7 +194,7 @@ class MNISTCLI(LightningCLI):
             (test,) = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results |= {k: test[k] for k in ("test/acc", "test/loss") if k in test}  # what the module logs of them
         write_results(trainer, folder, results, best, resumed_from=self.config.fit.ckpt_path,
-                      seconds=self.clock.seconds())
+                      seconds=self.clock.seconds(), curve=self.clock.curve)
         finish_loggers(trainer)
         if trainer.is_global_zero:
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best or None}\nRun folder: {folder}")

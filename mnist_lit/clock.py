@@ -2,6 +2,7 @@
 
     python -m mnist_lit fit --config configs/default.yaml    # metrics.json: "seconds": {"start_up": ..., ...}
 
+``curve`` is each epoch's val/acc with the seconds since launch at which it was known: accuracy against time.
 ``start_up`` runs from the process's creation (the interpreter, the imports, the config, the data) to the fit's
 start; ``train`` is the training epochs without the validation inside them; ``validation`` includes Lightning's
 sanity check; ``test`` is the fit's test pass; ``other`` is what is left until the results are written (the
@@ -24,6 +25,7 @@ class RunClock(L.Callback):
         self.launched = psutil.Process().create_time()  # wall clock, seconds since the epoch
         self.spent: dict[str, float] = defaultdict(float)
         self.since: dict[str, float] = {}
+        self.curve: list[tuple[float, float]] = []  # (seconds since launch, val/acc) after each epoch's validation
 
     def start(self, part: str) -> None:
         self.since[part] = time.time()
@@ -49,6 +51,8 @@ class RunClock(L.Callback):
         took = self.stop("validation")
         if "train" in self.since:  # validation inside a training epoch: not training time
             self.spent["train"] -= took
+        if not trainer.sanity_checking and "val/acc" in trainer.callback_metrics:
+            self.curve.append((round(time.time() - self.launched, 2), trainer.callback_metrics["val/acc"].item()))
 
     def on_test_start(self, trainer, pl_module) -> None:
         self.start("test")

@@ -152,7 +152,8 @@ def environment() -> dict:
 
 
 def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, float], best_checkpoint: str,
-                  resumed_from: str | None = None, seconds: dict[str, float] | None = None) -> None:
+                  resumed_from: str | None = None, seconds: dict[str, float] | None = None,
+                  curve: list | None = None) -> None:
     """Rank 0: the results to every logger (TensorBoard: the HPARAMS table, model and data hyperparameters
     against them under ``hp/`` tags, so the metric curves stay untouched) and ``metrics.json`` with the
     provenance record in the run folder."""
@@ -172,7 +173,7 @@ def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, fl
     record = {"metrics": results, "epochs": trainer.current_epoch, "global_step": trainer.global_step,
               "best_checkpoint": best_checkpoint, "resumed_from": resumed_from, "seed": torch.initial_seed(),
               "subnormals_flushed": flushed(),  # measured over torch's threads, not read back from the option
-              "seconds": seconds, "environment": environment()}
+              "seconds": seconds, "val_acc_by_seconds": curve, "environment": environment()}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
 
