@@ -129,6 +129,20 @@ def test_an_average_of_the_weights_keeps_the_fast_path_and_equals_lightnings_cal
 
 
 @pytest.mark.slow
+def test_bf16_autocast_on_the_cpu_gives_the_same_weights_on_both_loops(tiny_mnist: Path, tmp_path: Path):
+    # The fast path runs its steps inside Lightning's autocast context, backward included; Lightning's loop runs
+    # backward outside it. The weights are the same, bit for bit, and not the float32 ones.
+    bf16 = ["--trainer.precision", "bf16-mixed"]
+    fast, used = mnist_lit_weights(tiny_mnist, tmp_path / "fast", None, "norm", 1, *bf16)
+    one, one_used = mnist_lit_weights(tiny_mnist, tmp_path / "one", None, "norm", 1, *bf16,
+                                      "--model.steps_per_training_step", "1")
+    assert (used, one_used) == ("fast", "lightning")
+    assert_identical(fast, one, "bf16-mixed: the fast path vs Lightning's loop")
+    float32 = plain_loop_weights(tiny_mnist, tmp_path / "plain.pt")
+    assert not any(torch.equal(a, b) for a, b in zip(fast, float32, strict=True))
+
+
+@pytest.mark.slow
 def test_label_smoothing_is_cross_entropys_own_on_the_fast_path(tiny_mnist: Path, tmp_path: Path):
     ours, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", None, "norm", 1,
                                    "--model.label_smoothing", str(SMOOTHING))
