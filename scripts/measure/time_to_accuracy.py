@@ -71,7 +71,7 @@ def mean_std(values: list[float], digits: int) -> str:
 
 
 def block(records: dict) -> list[str]:
-    lines = [header(SCRIPT, f"{records['cpu']}, real MNIST, one fit at a time on the whole machine, "
+    lines = [header(SCRIPT, f"real MNIST, torch's default threads (one per core), one fit at a time, "
                             f"`python scripts/{SCRIPT}`"),
              "| recipe | t10k test accuracy (seeds) | launch to result | start-up | train | validation | test "
              "| the rest |", "|---|---|---|---|---|---|---|---|"]
