@@ -75,6 +75,18 @@ TRAINER_DEFAULTS = {
 
 
 class MNISTCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        argv = kwargs.get("args")
+        argv = sys.argv[1:] if argv is None else argv
+        self.asked = argv[0] if isinstance(argv, list) and argv and argv[0] in LightningCLI.subcommands() else None
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        """Lightning's subcommands; a command line that starts with one builds that one's parser alone (each costs
+        jsonargparse about a tenth of a second at every launch), any other (``--help``, a typo) all of them."""
+        every = LightningCLI.subcommands()
+        return {self.asked: every[self.asked]} if self.asked else every
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Two checkpoints in <run>/checkpoints/: the best by val/acc, and last.ckpt after every epoch
         # (Lightning 2.6 writes save_last only when the monitored metric improved, so it gets its own).

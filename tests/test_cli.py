@@ -131,7 +131,12 @@ def test_test_subcommand_evaluates_a_checkpoint_in_a_new_process(tiny_mnist: Pat
 def test_help_and_print_config_name_the_real_command(capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
-    assert exit_.value.code == 0 and "usage: python -m mnist_lit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "usage: python -m mnist_lit" in out
+    assert "{fit,validate,test,predict}" in out  # without a subcommand first, every one is offered
+    with pytest.raises(SystemExit) as exit_:
+        main(["tset", "--ckpt_path", "x.ckpt"])  # a typo: named among the real ones
+    assert exit_.value.code == 2 and "{fit,validate,test,predict}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
