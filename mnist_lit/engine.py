@@ -75,9 +75,8 @@ def averages(callback: L.Callback) -> bool:
     """A ``WeightAveraging`` callback whose only per-batch work is its own ``on_train_batch_end`` (update the average
     after each optimizer step, when ``should_update`` says so): the fast path calls that hook after every SGD step,
     as Lightning's loop does, so the averaged weights are the same bit for bit (tests/test_exactness.py)."""
-    return (isinstance(callback, WeightAveraging)
-            and type(callback).on_train_batch_end is WeightAveraging.on_train_batch_end
-            and not any(is_overridden(hook, callback, WeightAveraging) for hook in PER_BATCH_HOOKS))
+    return isinstance(callback, WeightAveraging) and not any(is_overridden(hook, callback, WeightAveraging)
+                                                             for hook in PER_BATCH_HOOKS)
 # The hooks in which the engine does its own work; a subclass's override of one gets it all the same.
 ENGINE_HOOKS = ("on_fit_start", "on_train_start", "on_before_optimizer_step", "on_train_epoch_end")
 

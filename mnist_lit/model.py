@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics import MaxMetric, MeanMetric
@@ -133,7 +134,9 @@ class MNISTClassifier(Engine):
             Lightning's own loop.
         num_classes: number of classes the metrics count.
         label_smoothing: cross-entropy against targets that give this much of their probability evenly to all
-            classes (Szegedy et al. 2016; ``F.cross_entropy``'s ``label_smoothing``); 0 is plain cross-entropy.
+            classes (Szegedy et al. 2016; ``F.cross_entropy``'s ``label_smoothing``), in ``loss``, so in every
+            stage's loss (train, val and test/loss; the accuracies are untouched); 0 is plain cross-entropy. A
+            subclass with a ``loss`` of its own refuses it.
         compile: run the network through ``torch.compile`` (compiled when a fit, validate, test or
             predict starts; the first batches of each shape pay the compile time). Checkpoints are the
             same either way.
@@ -172,6 +175,11 @@ class MNISTClassifier(Engine):
         return self.net_forward(x)  # (B, 784) -> (B, 10) logits
 
     def setup(self, stage: str) -> None:
+        if self.label_smoothing and type(self).loss is not MNISTClassifier.loss:  # before any step of any stage
+            raise MisconfigurationException(
+                f"--model.label_smoothing is {self.label_smoothing}, but {type(self).__name__} writes a loss() of its "
+                "own, which this option does not reach. Leave --model.label_smoothing at 0, or smooth the targets "
+                "inside that loss.")
         if self.hparams.compile:  # compile the bound forward, not the module: state_dict keys stay unprefixed
             self.net_forward = torch.compile(self.net.forward)
 

@@ -270,3 +270,13 @@ def test_a_checkpoint_written_before_model_took_a_class_still_tests_and_resumes(
     message = pytest.raises(SystemExit, main, ["test", "--ckpt_path", str(old), *beside,
                                                "--model.net.init_args.hidden1", "32"]).value.code
     assert "model.net.init_args.hidden1 (16 there, 32 here)" in message
+
+
+def test_label_smoothing_is_refused_for_a_module_whose_own_loss_it_would_not_reach(tiny_mnist: Path, tmp_path: Path):
+    # FocalClassifier writes its own loss(): --model.label_smoothing would change nothing there, silently.
+    args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1", "--model.label_smoothing", "0.1")
+    args[3:3] = ["--config", str(REPO / "configs" / "examples" / "focal.yaml")]
+    with pytest.raises(SystemExit, match=r"error: --model.label_smoothing is 0.1, but FocalClassifier writes a "
+                                         r"loss\(\) of its own"):
+        main(args)
+    assert not list((tmp_path / "logs").glob("*/*/checkpoints/*.ckpt"))  # refused before any step

@@ -96,7 +96,7 @@ def write_search_results(study: optuna.Study, plan: Plan) -> bool:
         return t.user_attrs.get("error") or (f"skipped: {t.user_attrs['skipped']}" if "skipped" in t.user_attrs
                                              else "")
 
-    timed = len(plan.space.objectives) > 1  # a Pareto front of val/acc_best against seconds
+    timed = plan.space.timed  # a Pareto front of val/acc_best against seconds
     rows = [{"trial": t.number, "state": t.state.name, "val/acc_best": t.values[0] if t.values else None,
              **({"seconds": t.values[1] if t.values else None} if timed else {}), **t.params,
              "epochs": t.user_attrs.get("epochs"), "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),

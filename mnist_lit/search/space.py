@@ -74,6 +74,11 @@ class SearchSpace:
     target: float | None = None
 
     @property
+    def timed(self) -> bool:
+        """A search for time: the Pareto front of val/acc_best against seconds."""
+        return len(self.objectives) > 1
+
+    @property
     def directions(self) -> list[str]:
         return [OBJECTIVES[name] for name in self.objectives]
 

@@ -70,7 +70,7 @@ class Plan:
         if self.space is not None:
             record = {"space": self.space.record(), "sampler": self.space.sampler, "pruner": self.space.pruner,
                       "configs": configs, "passthrough": self.passthrough}
-            if len(self.space.objectives) > 1:  # a study of one objective keeps the record it always had
+            if self.space.timed:  # a study of one objective keeps the record it always had
                 record |= {"objectives": list(self.space.objectives), "target": self.space.target}
             return record
         return {"grid": self.grid, "seeds": self.seeds, "pruner": None, "configs": configs,
@@ -101,7 +101,7 @@ class Plan:
         if self.space is not None:  # a search never looks at the test set, and reports every epoch
             command += ["--test_after_fit", "false"]
             # A checkpoint's own config has the callback already; a study of two objectives takes no reports.
-            if resume is None and len(self.space.objectives) == 1:
+            if resume is None and not self.space.timed:
                 command += ["--trainer.callbacks+=mnist_lit.search.pruning.TrialPruning", "--trainer.callbacks.storage",
                             self.storage, "--trainer.callbacks.study_name", self.name]
         return command + value_arguments(params) + (["--ckpt_path", str(resume)] if resume else [])
@@ -361,7 +361,7 @@ class Worker(threading.Thread):
         trial.set_user_attr("epochs", record["epochs"])
         (current,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
         value = record["metrics"]["val/acc_best"]
-        if self.plan.space is not None and len(self.plan.space.objectives) > 1:
+        if self.plan.space is not None and self.plan.space.timed:
             seconds = record["seconds"]["total"]  # the fit's own launch to result (mnist_lit.clock)
             trial.set_user_attr("seconds", record["seconds"])
             say(f"[{self.name}] trial {trial.number}: val/acc_best {value:.4f} in {seconds:.1f} s")
