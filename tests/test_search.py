@@ -317,10 +317,9 @@ def test_a_sigkilled_workers_trial_is_never_complete_and_the_same_command_finish
     (trial,) = trials_of(tmp_path, "k")
     assert trial.state == TrialState.RUNNING  # not complete; its fit got SIGTERM from the kernel and stopped
     deadline = time.monotonic() + 120
-    fit_of_trial0 = str(tmp_path / "k")  # its fit's logger save_dir, in its command line
-    while any(fit_of_trial0 in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])) \
-            and time.monotonic() < deadline:
+    while psutil.pid_exists(trial.user_attrs["fit_pid"]) and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert not psutil.pid_exists(trial.user_attrs["fit_pid"]), "the killed worker's fit did not end on its SIGTERM"
     done = search(tmp_path, "k", "--space", str(space), "--trials", "2", data=tiny_mnist, epochs=15)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = trials_of(tmp_path, "k")

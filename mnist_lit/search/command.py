@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import importlib.util
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ if importlib.util.find_spec("optuna") is None:
     sys.exit("error: python -m mnist_lit.search needs Optuna: pip install -e '.[search]' (scripts/setup.sh installs "
              "it with the dev tools).")
 
+from mnist_lit.search import fork  # noqa: E402
 from mnist_lit.search.report import write_grid_results, write_search_results  # noqa: E402
 from mnist_lit.search.space import SearchSpace, SearchSpaceError  # noqa: E402
 from mnist_lit.search.storage import quiet_optuna  # noqa: E402
@@ -64,8 +64,7 @@ def check_fit_arguments(plan: Plan, sample: dict) -> None:
     """The fit command parses a trial's command line (the base configs, the arguments after --, one point of
     the space and the search's own flags) before any trial starts: a misspelt key, or a config whose logger
     takes no save_dir, is one message here, not a failed trial per worker."""
-    command = [*plan.fit_command(sample, plan.folder / "trials" / "check", None), "--print_config"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = fork.run([*plan.fit_arguments(sample, plan.folder / "trials" / "check", None), "--print_config"])
     if done.returncode != 0:
         error = done.stderr.strip().split("error: ", 1)[-1]
         keys = ", ".join(sample) or "(none)"
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted.append(signum)
         stop.set()
         for worker in workers if signum == signal.SIGTERM else ():
-            if worker.process is not None and worker.process.poll() is None:
+            if worker.process is not None and worker.process.is_alive():
                 worker.process.terminate()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_lit.search import fork
 from mnist_lit.search.study import DONE, Plan, runs_of
 
 METRICS = ("test/acc", "val/acc_best", "test/loss")  # a grid's summary per configuration, with the wall time
@@ -194,8 +194,7 @@ def cell(value) -> str:
 def write_best_config(plan: Plan, best: FrozenTrial) -> None:
     """best.yaml: the base configs, the arguments after -- and the best trial's values, resolved by the fit
     command itself, so that ``fit --config best.yaml`` runs as is."""
-    command = [sys.executable, "-m", "mnist_lit", "fit", *plan.base_arguments(best.params), "--print_config"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = fork.run(["fit", *plan.base_arguments(best.params), "--print_config"])
     if done.returncode == 0:
         timing = f", {best.values[1]:.1f} s launch to result" if len(best.values) > 1 else ""
         header = f"# Trial {best.number} of study '{plan.name}', val/acc_best {best.values[0]:.4f}{timing}. " \

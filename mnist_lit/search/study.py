@@ -1,5 +1,5 @@
 """The engine under ``python -m mnist_lit.search``: an Optuna study whose trials are ordinary
-``python -m mnist_lit fit`` runs, one process each, kept in the study's storage.
+``python -m mnist_lit fit`` runs, one process each (forked: ``fork.py``), kept in the study's storage.
 
 The storage holds the books, so that one resume logic serves a search and a grid, one worker or many:
 - a trial's ``run_folder`` (``trials/trial<number>`` or ``<configuration>/seed<S>``, under the search's folder)
@@ -15,17 +15,14 @@ The storage holds the books, so that one resume logic serves a search and a grid
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +32,7 @@ import optuna
 import psutil
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_lit.search import fork
 from mnist_lit.search.space import SearchSpace, as_argument, instantiate
 from mnist_lit.search.storage import open_storage
 
@@ -91,10 +89,11 @@ class Plan:
         values = {key: trial.suggest_categorical(key, choices) for key, choices in self.grid.items()}
         return values | {"seed_everything": trial.suggest_categorical("seed_everything", self.seeds)}
 
-    def fit_command(self, params: dict, run: Path, resume: Path | None) -> list[str]:
-        """configs; what the arguments after -- may change (one torch thread, no progress bar); those arguments;
-        then what the search sets for each trial (refused after --, see ``search.plan_of``) and its values."""
-        command = [sys.executable, "-m", "mnist_lit", "fit", *self.config_arguments(),
+    def fit_arguments(self, params: dict, run: Path, resume: Path | None) -> list[str]:
+        """``python -m mnist_lit`` 's arguments: configs; what the arguments after -- may change (one torch thread,
+        no progress bar); those arguments; then what the search sets for each trial (refused after --, see
+        ``search.plan_of``) and its values."""
+        command = ["fit", *self.config_arguments(),
                    "--torch_threads", "1", "--trainer.enable_progress_bar", "false", *self.passthrough,
                    "--trainer.logger.init_args.save_dir", str(run.parent.parent),
                    "--trainer.logger.init_args.name", run.parent.name, "--trainer.logger.init_args.version", run.name]
@@ -226,11 +225,6 @@ def say(line: str) -> None:
     print(line, flush=True)  # the workers' lines, in order, also when piped
 
 
-def die_with_parent() -> None:  # in the child, before exec: SIGTERM (a last.ckpt) when the worker dies
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class AskLock:
     """One asker at a time: the workers of a command (a thread lock) and the commands on this machine that share
     the study's folder (an ``flock`` on ``<folder>/.ask.lock``), so that two of them never enqueue the same
@@ -258,7 +252,7 @@ class Worker(threading.Thread):
         super().__init__(name=f"worker-{index}", daemon=True)
         self.plan, self.ask_lock, self.stop = plan, ask_lock, stop
         self.index, self.errors_in_a_row, self.holding = index, 0, False
-        self.process: subprocess.Popen | None = None  # the trial's fit, while it runs
+        self.process: multiprocessing.Process | None = None  # the trial's fit, while it runs
 
     def run(self) -> None:
         study = open_study(self.plan)
@@ -325,7 +319,7 @@ class Worker(threading.Thread):
 
     def fit(self, trial: optuna.Trial, params: dict, run: Path) -> float | tuple[float, float]:
         last = run / "checkpoints" / "last.ckpt"
-        command = self.plan.fit_command(params, run, last if last.is_file() else None)
+        arguments = self.plan.fit_arguments(params, run, last if last.is_file() else None)
         trial.set_user_attr("run_path", str(run))  # how the trial's fit finds its trial (mnist_lit.search.pruning)
         if last.is_file():  # interrupted: continue where it stopped, in the same folder
             config = run / "config.yaml"  # Lightning refuses to overwrite it; keep the first one
@@ -339,10 +333,10 @@ class Worker(threading.Thread):
         say(f"[{self.name}] trial {trial.number}: {run.relative_to(self.plan.folder)} "
             f"{' '.join(f'{k}={v}' for k, v in params.items())}" + (" (resumed)" if last.is_file() else ""))
         started = time.perf_counter()
-        with console.open("a") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            preexec_fn=die_with_parent)
-            returncode = self.process.wait()
+        self.process = fork.start(arguments, console)
+        trial.set_user_attr("fit_pid", self.process.pid)
+        self.process.join()
+        returncode = self.process.exitcode
         wall = trial.user_attrs.get("wall_s_before", 0.0) + time.perf_counter() - started
         trial.set_user_attr("wall_s", round(wall, 1))
         metrics_file = run / "metrics.json"
