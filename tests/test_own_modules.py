@@ -230,12 +230,12 @@ def test_a_lightning_module_of_its_own_gets_the_run_machinery(tiny_mnist: Path, 
      "needs arguments that neither the config nor the command line gives: teacher_checkpoint"),
 ])
 def test_a_model_class_that_cannot_be_used_is_refused_in_one_paragraph(tiny_mnist: Path, tmp_path: Path, model: str,
-                                                                       fix: str):
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", *fit_args(tiny_mnist, tmp_path / "logs", "--model",
-                                                                          model)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and fix in done.stderr
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr  # one paragraph, no usage
+                                                                       fix: str, capfd: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args(tiny_mnist, tmp_path / "logs", "--model", model))
+    stderr = capfd.readouterr().err
+    assert exit_.value.code == 2 and fix in stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("error: "), stderr  # one paragraph, no usage
     assert not (tmp_path / "logs").exists()  # before any work
 
 
