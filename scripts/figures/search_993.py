@@ -70,17 +70,22 @@ def long_name(trial: dict) -> str:
     return f"mlp993-long-trial{trial['trial']}"
 
 
-def run_long(finalist_trials: list[dict], epochs: list[int]) -> None:
-    """Each finalist over every --epochs, as a grid of one seed (seed 0), two studies at a time."""
+def two_at_a_time(commands: list[list[str]]) -> None:
+    """``python -m mnist_lit.search`` with each argument list, two commands running at a time."""
     running = []
-    for trial in finalist_trials:
-        grid = "trainer.max_epochs=" + ",".join(map(str, epochs))
-        running.append(search("--name", long_name(trial), *BASE, "--grid", grid, "--seeds", "0", "--workers", "1",
-                              "--", *AUGMENT, *DATA, *values(trial), "--test_after_fit", "false", wait=False))
+    for arguments in commands:
+        running.append(search(*arguments, wait=False))
         if len(running) == 2:
             finish(running.pop(0))
     for child in running:
         finish(child)
+
+
+def run_long(finalist_trials: list[dict], epochs: list[int]) -> None:
+    """Each finalist over every --epochs, as a grid of one seed (seed 0), two studies at a time."""
+    grid = "trainer.max_epochs=" + ",".join(map(str, epochs))
+    two_at_a_time([["--name", long_name(trial), *BASE, "--grid", grid, "--seeds", "0", "--workers", "1", "--",
+                    *AUGMENT, *DATA, *values(trial), "--test_after_fit", "false"] for trial in finalist_trials])
 
 
 def long_rows(finalist_trials: list[dict]) -> list[dict]:

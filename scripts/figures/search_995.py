@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts" / "figures"))
 from generated_block import header, replace_block  # noqa: E402
-from search_993 import counts, finish, search, trials  # noqa: E402
+from search_993 import counts, search, trials, two_at_a_time  # noqa: E402
 
 ROOT = REPO / "logs" / "search"
 SPACE = "configs/search/mlp_995.yaml"
@@ -64,15 +64,9 @@ def long_name(trial: dict) -> str:
 
 def run_long(finalist_trials: list[dict], epochs: int) -> None:
     """Each finalist at its full length, seed 0, as a grid of one: two studies at a time, one thread each."""
-    running = []
-    for trial in finalist_trials:
-        grid = f"trainer.max_epochs={full_length(trial, epochs)}"
-        running.append(search("--name", long_name(trial), *BASE, "--grid", grid, "--seeds", "0", "--workers", "1",
-                              "--", *FAST, *values(trial), "--test_after_fit", "false", wait=False))
-        if len(running) == 2:
-            finish(running.pop(0))
-    for child in running:
-        finish(child)
+    two_at_a_time([["--name", long_name(trial), *BASE, "--grid", f"trainer.max_epochs={full_length(trial, epochs)}",
+                    "--seeds", "0", "--workers", "1", "--", *FAST, *values(trial), "--test_after_fit", "false"]
+                   for trial in finalist_trials])
 
 
 def long_rows(finalist_trials: list[dict]) -> list[dict]:
