@@ -11,7 +11,7 @@
      place where the test set is read, once per run.
 
     python scripts/figures/search_995.py --stages 1 2   # about 70 minutes on 2 cores; a finished study is not run again
-    python scripts/measure/time_to_accuracy.py --only 99.5  # stage 3, alone on the machine: about 30 minutes
+    python scripts/measure/time_to_accuracy.py --only 99.5  # stage 3, alone on the machine: about 37 minutes
     python scripts/figures/search_995.py --only-docs    # the block, from the studies' tables and stage 3's records
 """
 
