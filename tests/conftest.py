@@ -1,10 +1,18 @@
 """Data the tests write themselves (tiny IDX files), the real MNIST set when present, and a TensorBoard reader."""
 
+import contextlib
 import gzip
+import io
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +20,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lit.idx import DATASETS
+from mnist_lit.search import fork
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
@@ -124,3 +133,52 @@ def fit_args(data_root: Path, log_root: Path, *extra: str) -> list[str]:
             "--trainer.logger.init_args.save_dir", str(log_root),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--data.batch_size", "32", "--data.val_size", "100", "--trainer.log_every_n_steps", "1", *extra]
+
+
+def run_main(main: Callable[[list[str]], int | None], argv: list[str],
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """What ``subprocess.run([python, -m, module, *argv], capture_output=True, text=True, timeout=...)`` gives, from
+    the module's ``main(argv)`` run in this process, without a second interpreter's 3 s of imports: its stdout and
+    stderr captured, its ``SystemExit`` the exit code (a message goes to stderr with code 1, as the interpreter
+    does), the signal handlers it installs put back. Past ``timeout`` its own SIGTERM handler stops what it started
+    (a search's trials), and the test fails saying so."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threads = set(threading.enumerate())
+    out, err = io.StringIO(), io.StringIO()
+
+    def too_long(_signum, _frame):
+        raise TimeoutError(f"{argv} ran past its {timeout} s")
+
+    previous_alarm = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv) or 0
+            except SystemExit as exit_:
+                code = exit_.code or 0
+                if not isinstance(code, int):
+                    print(code, file=sys.stderr)
+                    code = 1
+    except TimeoutError as late:
+        stop = signal.getsignal(signal.SIGTERM)
+        if callable(stop) and stop is not handlers[signal.SIGTERM]:
+            stop(signal.SIGTERM, None)
+        for thread in set(threading.enumerate()) - threads:
+            thread.join(60)
+        for child in multiprocessing.active_children():
+            child.kill()
+        pytest.fail(f"{late}; its stdout: {out.getvalue()[-2000:]} its stderr: {err.getvalue()[-2000:]}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def launch(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m mnist_lit ARGS`` in a process of its own, run in this test's folder with this environment plus
+    ``env``, as ``subprocess.run(capture_output=True, text=True)`` gives it: forked from the server that a search
+    forks its trials from (mnist_lit/search/fork.py), which imported the CLI once for this test worker."""
+    return fork.run(args, timeout, {**os.environ, **env})

@@ -12,7 +12,7 @@ import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import REPO, fit_args, only_run, read_events, scalar
+from conftest import REPO, fit_args, launch, only_run, read_events, scalar
 from mnist_lit import engine
 from mnist_lit.cli import main
 
@@ -121,7 +121,7 @@ def test_test_subcommand_evaluates_a_checkpoint_in_a_new_process(tiny_mnist: Pat
                   "--model.net.init_args.hidden1", "32", "--model.net.init_args.hidden2", "16"))
     best = best_checkpoint(only_run(tmp_path / "fit"))
     args = ["test", "--ckpt_path", str(best), "--trainer.logger.init_args.save_dir", str(tmp_path / "test")]
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path)
+    done = launch(args)
     assert done.returncode == 0, done.stderr[-3000:]
     test_acc = scalar(read_events(only_run(tmp_path / "test")), "test/acc")
     assert len(test_acc) == 1 and test_acc[0] > 0.8  # chance is 0.1
@@ -172,7 +172,7 @@ def test_mistyped_key_in_a_config_file_is_named(tmp_path: Path, capsys: pytest.C
 @pytest.mark.slow
 def test_missing_data_offline_ends_with_one_paragraph_and_writes_nothing(tmp_path: Path):
     args = fit_args(tmp_path / "nothing", tmp_path / "logs", "--data.download", "false")
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path)
+    done = launch(args)
     assert done.returncode == 1
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: MNIST files are missing from") and "Traceback" not in done.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, fit_args, free_port, only_run, read_events, scalar
+from conftest import REPO, fit_args, free_port, launch, only_run, read_events, scalar
 
 pytestmark = pytest.mark.slow  # every test here starts several processes
 
@@ -20,10 +20,9 @@ TESTS = Path(__file__).parent
 
 
 def run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    """`python -m mnist_lit ARGS` in a new process (DDP re-launches it once per rank)."""
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", *args], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(TESTS), **env})
+    """`python -m mnist_lit ARGS` in a new process (DDP re-launches it once per rank) in tmp_path."""
+    assert Path.cwd() == tmp_path
+    done = launch(args, PYTHONPATH=str(TESTS), **env)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 

@@ -2,14 +2,12 @@
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, fails_with, fit_args, only_run, read_events, scalar, write_mnist
+from conftest import REPO, fails_with, fit_args, launch, only_run, read_events, scalar, write_mnist
 from mnist_lit.cli import main
 
 EXPERIMENT = REPO / "configs" / "experiment" / "cnn.yaml"
@@ -51,11 +49,11 @@ def test_walkthrough_trains_a_cnn_and_its_checkpoint_tests_in_a_new_process(tiny
 
     last = str(run / "checkpoints" / "last.ckpt")  # the checkpoint alone: the CNN comes back from it
     test_args = ["test", "--ckpt_path", last, "--trainer.logger.init_args.save_dir", str(tmp_path / "test")]
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", *test_args], capture_output=True, text=True)
+    done = launch(test_args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert scalar(read_events(only_run(tmp_path / "test")), "test/acc")[0] > 0.9
     beside = [*test_args, "--config", str(REPO / "configs" / "default.yaml")]  # names the MLP: refused, by name
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", *beside], capture_output=True, text=True)
+    done = launch(beside)
     assert done.returncode == 1 and "model.net.class_path ('mnist_lit.model.SmallCNN' there" in done.stderr
 
 
@@ -129,9 +127,8 @@ def test_walkthrough_distils_a_student_from_a_teachers_checkpoint(tiny_mnist: Pa
 
     teacher.rename(teacher.with_name("moved.ckpt"))  # a student's checkpoint tests without its teacher
     last = str(run / "checkpoints" / "last.ckpt")
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", "test", "--ckpt_path", last, "--torch_threads", "1",
-                           "--trainer.logger.init_args.save_dir", str(tmp_path / "test")], capture_output=True,
-                          text=True, timeout=300)
+    done = launch(["test", "--ckpt_path", last, "--torch_threads", "1",
+                   "--trainer.logger.init_args.save_dir", str(tmp_path / "test")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert scalar(read_events(only_run(tmp_path / "test")), "test/acc")[0] > 0.8
     teacher.with_name("moved.ckpt").rename(teacher)

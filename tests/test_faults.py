@@ -4,8 +4,6 @@ a failed checkpoint write keeps the previous one, untrusted checkpoints run no c
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from conftest import fails_with, fit_args, only_run, read_events, scalar, write_mnist
 from mnist_lit.checkpoints import CheckpointError, load_checkpoint
 from mnist_lit.cli import main
+from mnist_lit.search import fork
 
 
 def trained_checkpoint(data: Path, tmp_path: Path, *extra: str) -> Path:
@@ -161,17 +160,17 @@ def progressed_past(checkpoint: Path, step: int) -> bool:
 def interrupt(data: Path, logs: Path, sig: signal.Signals, *extra: str) -> Path:
     """Start a run, send sig at a random moment of its second epoch, return its last.ckpt."""
     args = long_run_args(data, logs, "--last_checkpoint.every_n_train_steps", "32", *extra)
-    run = subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=logs.parent,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = logs.parent / "stderr.txt"
+    run = fork.start(args, logs.parent / "stdout.txt", stderr)  # python -m mnist_lit ARGS, its imports done once
     checkpoints = logs / "mnist" / "version_0" / "checkpoints"
     deadline = time.monotonic() + 120
     while not progressed_past(checkpoints / "last.ckpt", 640):  # a periodic checkpoint inside the second epoch
-        assert run.poll() is None and time.monotonic() < deadline, "the second epoch never started"
+        assert run.is_alive() and time.monotonic() < deadline, "the second epoch never started"
         time.sleep(0.02)
     time.sleep(random.uniform(0, 0.2))  # the second epoch has >= 600 steps left: well over 0.2 s
-    run.send_signal(sig)
-    run.wait(timeout=60)
-    assert "Traceback" not in run.stderr.read()
+    os.kill(run.pid, sig)
+    run.join(60)
+    assert run.exitcode is not None and "Traceback" not in stderr.read_text()
     return checkpoints / "last.ckpt"
 
 
@@ -208,10 +207,11 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(long_d
 @pytest.mark.slow
 def test_runs_started_together_in_one_folder_get_their_own_run_folders(tiny_mnist: Path, tmp_path: Path):
     args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1")
-    runs = [subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    for run in runs:
-        assert run.wait(timeout=300) == 0, run.stderr.read()[-3000:]
+    logs = [tmp_path / f"run{i}.log" for i in range(3)]
+    runs = [fork.start(args, log) for log in logs]  # three processes of python -m mnist_lit ARGS at once
+    for run, log in zip(runs, logs, strict=True):
+        run.join(300)
+        assert run.exitcode == 0, log.read_text()[-3000:]
     folders = sorted((tmp_path / "logs" / "mnist").iterdir())
     assert [f.name for f in folders] == ["version_0", "version_1", "version_2"]
     for folder in folders:  # each complete, none overwritten: one writer process per folder

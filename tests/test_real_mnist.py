@@ -1,13 +1,11 @@
 """The real MNIST set (copied from ../shared/datasets/mnist): verified reading and the default config's result."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, only_run, read_events, scalar
+from conftest import REPO, launch, only_run, read_events, scalar
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 
@@ -38,8 +36,7 @@ def test_default_config_reaches_98_percent_on_t10k(real_mnist: Path, tmp_path: P
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
 
     test_logs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "test_logs")]
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", "test", *common, *test_logs, "--ckpt_path", str(best)],
-                          capture_output=True, text=True)
+    done = launch(["test", *common, *test_logs, "--ckpt_path", str(best)])
     assert done.returncode == 0, done.stderr[-3000:]
     (test_acc,) = scalar(read_events(only_run(tmp_path / "test_logs")), "test/acc")
     assert test_acc >= 0.98  # measured: 0.9846

@@ -19,7 +19,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import REPO, free_port, read_events, write_mnist
+from conftest import REPO, free_port, launch, read_events, run_main, write_mnist
+from mnist_lit.search.command import main as search_main
 
 SEARCH = [sys.executable, "-m", "mnist_lit.search"]
 FIT = ["--data.verify_checksums", "false", "--data.val_size", "100",
@@ -32,12 +33,15 @@ SPACE = {"space": {"model.optimizer.init_args.lr": {"type": "float", "low": 0.01
 
 def search(root: Path, name: str, *args: str, data: Path, epochs: int = 2, timeout: int = 600,
            popen: bool = False, fit: list[str] = FIT):
-    command = [*SEARCH, "--name", name, "--root", str(root), "--config", str(REPO / "configs" / "default.yaml"),
-               *args, "--", "--data.data_dir", str(data), *fit, "--trainer.max_epochs", str(epochs)]
+    """``python -m mnist_lit.search`` with these arguments: its own process when ``popen`` (a command that is
+    signalled or killed, or two of them at once), otherwise its ``main`` in this process, its trials forked as
+    always (the search's imports and its fork server's are paid once per test file, not once per command)."""
+    argv = ["--name", name, "--root", str(root), "--config", str(REPO / "configs" / "default.yaml"), *args, "--",
+            "--data.data_dir", str(data), *fit, "--trainer.max_epochs", str(epochs)]
     if popen:  # its own process group: a signal to the group reaches the search and its trials, as Ctrl-C does
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        return subprocess.Popen([*SEARCH, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return run_main(search_main, argv, timeout)
 
 
 def space_file(folder: Path, **changes) -> Path:
@@ -108,9 +112,8 @@ def test_a_search_leaves_its_tables_plots_and_a_best_config_that_fits_as_is(fini
     assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == best.params["model.optimizer.init_args.lr"]
     assert config["data"]["batch_size"] == best.params["data.batch_size"]
     assert config["trainer"]["callbacks"] is None and config["test_after_fit"] is True
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", "fit", "--config", str(folder / "best.yaml"),
-                           "--torch_threads", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")],
-                          capture_output=True, text=True, timeout=300)
+    done = launch(["fit", "--config", str(folder / "best.yaml"), "--torch_threads", "1",
+                   "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
     assert done.returncode == 0, done.stderr[-3000:]
     (metrics,) = [json.loads(p.read_text())["metrics"] for p in (tmp_path / "logs").glob("*/*/metrics.json")]
     assert metrics["val/acc_best"] == pytest.approx(best.value)  # the same run again, and now its test result

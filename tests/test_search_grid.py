@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_search import FIT, SEARCH, search
+from test_search import FIT, SEARCH, search, search_main
 
-from conftest import REPO
+from conftest import REPO, run_main
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -100,9 +100,10 @@ def test_a_config_edited_while_the_runs_go_is_named_and_no_mixed_table_is_writte
     (["--no-pruning"], "--trials and --no-pruning are for a search"),
     (["--storage", "study.journal", "--heartbeat", "5"], "--heartbeat is for a database storage"),
 ])
-def test_bad_search_arguments_are_named(args: list[str], message: str, tmp_path: Path):
-    done = subprocess.run([*SEARCH, "--name", "x", "--root", str(tmp_path), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+def test_bad_search_arguments_are_named(args: list[str], message: str, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(REPO)
+    done = run_main(search_main, ["--name", "x", "--root", str(tmp_path), *args], timeout=120)
     assert done.returncode in (1, 2) and message in done.stderr and "Traceback" not in done.stderr
 
 

@@ -12,7 +12,9 @@ each trial is a child of it, so that it is still a process of its own, as before
 - a rank that Lightning launches (``strategy=ddp``) is ``python -m mnist_lit ...`` again, as from a shell.
 
 What it shares with the server is what the imports made; its own modules (``--model my_research.SAM``) are
-imported in the child, from the files as they are then. Its ``metrics.json`` ``seconds`` count from the fork.
+imported in the child, from the files as they are then, and it runs in the caller's working directory and
+environment as they are when it starts, as a subprocess would. Its ``metrics.json`` ``seconds`` count from the
+fork.
 """
 
 from __future__ import annotations
@@ -30,28 +32,35 @@ import tempfile
 from pathlib import Path
 
 
-def start(argv: list[str], stdout: Path, stderr: Path | None = None) -> multiprocessing.Process:
+def start(argv: list[str], stdout: Path, stderr: Path | None = None,
+          env: dict[str, str] | None = None) -> multiprocessing.Process:
     """``python -m mnist_lit <argv>`` in a forked child, started: its stdout appended to ``stdout``, its stderr
-    to ``stderr`` (by default the same file)."""
+    to ``stderr`` (by default the same file), its environment ``env`` (by default this process's)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["mnist_lit.cli"])  # read when the server starts: the first trial of a command
-    process = context.Process(target=_main, args=(argv, str(stdout), str(stderr or stdout), os.getpid()),
-                              name="mnist_lit fit")
+    process = context.Process(target=_main, name="mnist_lit fit", args=(
+        argv, str(stdout), str(stderr or stdout), os.getpid(), os.getcwd(), dict(os.environ if env is None else env)))
     process.start()
     return process
 
 
-def run(argv: list[str]) -> subprocess.CompletedProcess:
-    """``python -m mnist_lit <argv>`` forked and waited for, its stdout and stderr captured, as ``subprocess.run``."""
+def run(argv: list[str], timeout: float | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m mnist_lit <argv>`` forked and waited for, its stdout and stderr captured, as ``subprocess.run``
+    with ``capture_output=True, text=True``; past ``timeout`` seconds it is killed and ``TimeoutExpired`` raised."""
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
-        process = start(argv, out, err)
-        process.join()
-        return subprocess.CompletedProcess(argv, process.exitcode, *(
-            path.read_text() if path.is_file() else "" for path in (out, err)))
+        process = start(argv, out, err, env)
+        process.join(timeout)
+        captured = [path.read_text() if path.is_file() else "" for path in (out, err)]
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(argv, timeout, *captured)
+        return subprocess.CompletedProcess(argv, process.exitcode, *captured)
 
 
-def _main(argv: list[str], stdout: str, stderr: str, search: int) -> None:
+def _main(argv: list[str], stdout: str, stderr: str, search: int, cwd: str, environ: dict[str, str]) -> None:
     """In the child: what ``python -m mnist_lit`` does once its imports are done."""
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the server's death (the search's) stops it
@@ -59,6 +68,9 @@ def _main(argv: list[str], stdout: str, stderr: str, search: int) -> None:
         os.kill(search, 0)
     except ProcessLookupError:  # the search died before that line: its server is going, and no SIGTERM would come
         os._exit(128 + signal.SIGTERM)
+    os.chdir(cwd)  # the server's are those of the moment it started
+    os.environ.clear()
+    os.environ.update(environ)
     gc.freeze()  # the imports live as long as the process: out of the collector's way, as in mnist_lit/__main__.py
     for stream, path in ((1, stdout), (2, stderr)):
         log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
