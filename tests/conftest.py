@@ -1,4 +1,6 @@
-"""Data the tests write themselves (tiny IDX files), the real MNIST set when present, and a TensorBoard reader."""
+"""Data the tests write themselves (tiny IDX files), the real MNIST set when present, a TensorBoard reader, and
+two ways to run a command without a fresh interpreter's imports: ``run_main`` (in this process) and ``launch``
+(a forked process of its own)."""
 
 import contextlib
 import gzip

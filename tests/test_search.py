@@ -1,5 +1,6 @@
 """python -m mnist_lit.search: Optuna studies whose trials are ordinary fit runs; grids x seeds in the same
-engine. Real fits on tiny IDX data, a few epochs each, in separate processes as a user runs them."""
+engine. Real fits on tiny IDX data, a few epochs each, each trial a forked process as a user's are; the search
+command itself runs in this process (``search``), or as its own process where it is signalled or killed."""
 
 import csv
 import importlib
