@@ -4,6 +4,7 @@ loop in scripts/measure/plain_loop.py, over 315 SGD steps of the cosine schedule
 
 import gzip
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,31 +71,43 @@ def lightning_weights(data: Path, clip_val=None, clip_algorithm="norm", accumula
     return [p.detach() for p in model.net.parameters()]
 
 
-PLAIN_RUNS: dict[tuple, list[torch.Tensor]] = {}  # this file's plain-loop runs, by their data's bytes and arguments
+PLAIN_DEFAULTS = {"clip_val": None, "clip_algorithm": "norm", "accumulate": 1, "label_smoothing": 0.0}
+# Every setting this file compares the plain loop with: the first comparison on a data set runs them all in one
+# process, which imports torch (and neither Lightning nor mnist_lit) once.
+PLAIN_SETTINGS = [{}, {"clip_val": 0.5}, {"clip_val": 0.01, "clip_algorithm": "value"}, {"accumulate": 2},
+                  {"clip_val": 0.5, "accumulate": 2}, {"label_smoothing": SMOOTHING}]
+PLAIN_RUNS: dict[tuple, list[torch.Tensor]] = {}  # this file's plain-loop runs, by their data's bytes and settings
 
 
-def plain_loop_weights(data: Path, out: Path, clip_val=None, clip_algorithm="norm", accumulate=1,
-                       label_smoothing=0.0) -> list[torch.Tensor]:
-    """The plain loop's weights, in a process of its own; a run already made on the same bytes with the same
-    arguments is not made again (every test's tiny_mnist is the same data)."""
+def plain_loop_weights(data: Path, folder: Path, **setting) -> list[torch.Tensor]:
+    """The plain loop's weights with this setting (PLAIN_DEFAULTS' keys), from a process of its own that also ran
+    the other PLAIN_SETTINGS on the same bytes (every test's tiny_mnist is the same data), each run once."""
     files = sorted((data / "MNIST" / "raw").glob("*.gz"))  # their content: gzip's header holds the time of writing
-    key = (hashlib.sha256(b"".join(gzip.decompress(f.read_bytes()) for f in files)).hexdigest(), clip_val,
-           clip_algorithm, accumulate, label_smoothing)
-    if key not in PLAIN_RUNS:
-        PLAIN_RUNS[key] = run_plain_loop(data, out, clip_val, clip_algorithm, accumulate, label_smoothing)
-    return [t.clone() for t in PLAIN_RUNS[key]]
+    digest = hashlib.sha256(b"".join(gzip.decompress(f.read_bytes()) for f in files)).hexdigest()
+
+    def key(s: dict) -> tuple:
+        return digest, *sorted({**PLAIN_DEFAULTS, **s}.items())
+
+    if key(setting) not in PLAIN_RUNS:
+        todo = list({key(s): s for s in (setting, *PLAIN_SETTINGS) if key(s) not in PLAIN_RUNS}.items())
+        runs = run_plain_loops(data, folder, [s for _, s in todo])
+        PLAIN_RUNS.update((k, weights) for (k, _), weights in zip(todo, runs, strict=True))
+    return [t.clone() for t in PLAIN_RUNS[key(setting)]]
 
 
-def run_plain_loop(data: Path, out: Path, clip_val, clip_algorithm, accumulate, label_smoothing) -> list[torch.Tensor]:
-    args = [sys.executable, str(REPO / "scripts" / "measure" / "plain_loop.py"), "--data-dir", str(data),
-            "--epochs", str(EPOCHS),
-            "--batch-size", str(BATCH), "--val-size", "100", "--threads", "1", "--accumulate", str(accumulate),
-            "--clip-algorithm", clip_algorithm, "--label-smoothing", str(label_smoothing), "--save", str(out)]
-    if clip_val is not None:
-        args += ["--clip-val", str(clip_val)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+def run_plain_loops(data: Path, folder: Path, settings: list[dict]) -> list[list[torch.Tensor]]:
+    argvs = []
+    for i, setting in enumerate(settings):
+        s = {**PLAIN_DEFAULTS, **setting}
+        argv = ["--data-dir", str(data), "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--val-size", "100",
+                "--threads", "1", "--accumulate", str(s["accumulate"]), "--clip-algorithm", s["clip_algorithm"],
+                "--label-smoothing", str(s["label_smoothing"]), "--save", str(folder / f"plain{i}.pt")]
+        argvs.append(argv + (["--clip-val", str(s["clip_val"])] if s["clip_val"] is not None else []))
+    runs = "import json, sys, plain_loop\nfor argv in json.loads(sys.argv[1]): plain_loop.main(argv)"
+    done = subprocess.run([sys.executable, "-c", runs, json.dumps(argvs)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO / "scripts" / "measure")
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return [torch.load(folder / f"plain{i}.pt", weights_only=True) for i in range(len(settings))]
 
 
 def assert_identical(ours: list[torch.Tensor], theirs: list[torch.Tensor], what: str) -> None:
@@ -117,9 +130,9 @@ def test_weights_equal_lightnings_loop_and_the_plain_loop(tiny_mnist: Path, tmp_
     ours, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", **trainer)
     assert used == path  # clipping and accumulation are Lightning's own: that fit switches to its loop
     assert_identical(ours, lightning_weights(tiny_mnist, **trainer), "mnist_lit vs Lightning's automatic loop")
-    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt", **trainer), "mnist_lit vs plain loop")
+    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path, **trainer), "mnist_lit vs plain loop")
     if trainer:  # the setting did change the training: this comparison could have failed
-        default = plain_loop_weights(tiny_mnist, tmp_path / "default.pt")
+        default = plain_loop_weights(tiny_mnist, tmp_path)
         assert not all(torch.equal(a, b) for a, b in zip(ours, default, strict=True))
 
 
@@ -138,7 +151,7 @@ def test_an_average_of_the_weights_keeps_the_fast_path_and_equals_lightnings_cal
     last = only_run(tmp_path / "logs") / "checkpoints" / "last.ckpt"
     trained = [t for name, t in torch.load(last, weights_only=True)["current_model_state"].items()
                if name.startswith("net.")]
-    assert_identical(trained, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt"), "trained weights vs plain loop")
+    assert_identical(trained, plain_loop_weights(tiny_mnist, tmp_path), "trained weights vs plain loop")
     assert not any(torch.equal(a, b) for a, b in zip(averaged, trained, strict=True))  # the average is another point
     exported = [p.detach() for p in from_checkpoint(str(last)).net.parameters()]
     assert_identical(exported, averaged, "export of the checkpoint vs its average")
@@ -159,7 +172,7 @@ def test_an_option_that_changes_the_arithmetic_gives_the_same_weights_on_both_lo
                                       "--model.steps_per_training_step", "1")
     assert (used, one_used) == ("fast", "lightning")
     assert_identical(fast, one, f"{' '.join(option)}: the fast path vs Lightning's loop")
-    without = plain_loop_weights(tiny_mnist, tmp_path / "plain.pt")  # the option did change the weights
+    without = plain_loop_weights(tiny_mnist, tmp_path)  # the option did change the weights
     assert not any(torch.equal(a, b) for a, b in zip(fast, without, strict=True))
 
 
@@ -168,7 +181,7 @@ def test_label_smoothing_is_cross_entropys_own_on_the_fast_path(tiny_mnist: Path
     ours, used = mnist_lit_weights(tiny_mnist, tmp_path / "logs", None, "norm", 1,
                                    "--model.label_smoothing", str(SMOOTHING))
     assert used == "fast"
-    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt", label_smoothing=SMOOTHING),
+    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path, label_smoothing=SMOOTHING),
                      "--model.label_smoothing vs the plain loop's")
 
 
@@ -181,7 +194,7 @@ def test_the_fast_path_is_exact_when_calls_do_not_divide_the_epoch(tiny_mnist: P
                                       "--model.steps_per_training_step", "1")
     assert (path, one_path) == ("fast", "lightning")
     assert_identical(five, one, "5 steps per call vs Lightning's loop")
-    assert_identical(five, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt"), "5 steps per call vs plain loop")
+    assert_identical(five, plain_loop_weights(tiny_mnist, tmp_path), "5 steps per call vs plain loop")
 
 
 @pytest.mark.slow
@@ -194,9 +207,9 @@ def test_a_subclass_with_a_loss_of_its_own_is_exact_on_both_loops(tiny_mnist: Pa
                                    "research_modules.LabelSmoothing", "--model.steps_per_training_step", steps)
     assert used == path
     assert_identical(ours, lightning_weights(tiny_mnist, label_smoothing=SMOOTHING), "loss subclass vs Lightning")
-    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path / "plain.pt", label_smoothing=SMOOTHING),
+    assert_identical(ours, plain_loop_weights(tiny_mnist, tmp_path, label_smoothing=SMOOTHING),
                      "loss subclass vs plain loop")
-    cross_entropy = plain_loop_weights(tiny_mnist, tmp_path / "ce.pt")  # the template's loss: other weights
+    cross_entropy = plain_loop_weights(tiny_mnist, tmp_path)  # the template's loss: other weights
     assert not any(torch.equal(a, b) for a, b in zip(ours, cross_entropy, strict=True))
 
 

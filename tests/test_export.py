@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REAL_MNIST, REPO, fit_args, only_run
+from conftest import REAL_MNIST, REPO, fit_args, only_run, run_main
 from mnist_lit.cli import main
+from mnist_lit.export import main as export_main
 from mnist_lit.export import run_artifact
 from mnist_lit.idx import read_idx
+
+
+def export_command(argv: list[str]) -> None:
+    export_main(argv)  # as `python -m mnist_lit.export` runs it: what main returns (the difference) is no exit code
 
 
 def real_digits(n: int = 500) -> torch.Tensor:
@@ -49,8 +54,7 @@ def test_artifact_matches_the_checkpoint_on_real_digits(trained, real_mnist: Pat
     if fmt == "onnx":
         pytest.importorskip("onnxruntime", reason="pip install -e '.[export]' for ONNX")
     artifact = tmp_path / f"model.{fmt}"
-    done = subprocess.run([sys.executable, "-m", "mnist_lit.export", str(trained[run]), "--format", fmt,
-                           "--output", str(artifact)], capture_output=True, text=True, cwd=REPO)
+    done = run_main(export_command, [str(trained[run]), "--format", fmt, "--output", str(artifact)])  # in this process
     assert done.returncode == 0, done.stderr[-3000:]
     assert "largest difference from the checkpoint" in done.stdout
     digits = real_digits(500)

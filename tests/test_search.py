@@ -219,9 +219,9 @@ def test_a_search_for_time_keeps_the_pareto_front_of_accuracy_against_seconds(tm
         "objectives": ["val/acc_best", "seconds"], "target": 0.3,
         "space": {"trainer.max_epochs": {"type": "int", "low": 1, "high": 3},
                   "model.net.init_args.hidden1": {"type": "int", "low": 8, "high": 96, "log": True}}}))
-    command = [*SEARCH, "--name", "fast", "--root", str(tmp_path / "s"), "--space", str(space), "--trials", "4",
-               "--config", str(REPO / "configs" / "default.yaml"), "--", "--data.data_dir", str(tiny_mnist), *FIT]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = run_main(search_main, ["--name", "fast", "--root", str(tmp_path / "s"), "--space", str(space), "--trials",
+                                  "4", "--config", str(REPO / "configs" / "default.yaml"), "--", "--data.data_dir",
+                                  str(tiny_mnist), *FIT])  # the trials' own epochs: not search()'s --trainer.max_epochs
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="fast", storage=f"sqlite:///{tmp_path / 's' / 'fast' / 'study.db'}")
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]

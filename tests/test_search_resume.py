@@ -4,6 +4,7 @@ test_search.py so that the two files run on two test workers side by side (pytes
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -59,11 +60,16 @@ def test_a_sigkilled_search_resumes_its_own_trials_first_and_its_books_count_wha
     first.communicate(timeout=60)
     assert [t.state for t in trials_of(tmp_path, "k")] == [TrialState.RUNNING] * 2
 
-    again = [search(tmp_path, "k", *args, "--workers", str(2 // commands), data=tiny_mnist, epochs=15, popen=True)
-             for _ in range(commands)]
+    if commands == 1:  # the same command again, in this process
+        again = [search(tmp_path, "k", *args, "--workers", "2", data=tiny_mnist, epochs=15)]
+    else:  # two commands of one worker each, started together: two processes
+        started = [search(tmp_path, "k", *args, "--workers", "1", data=tiny_mnist, epochs=15, popen=True)
+                   for _ in range(commands)]
+        outputs = [c.communicate(timeout=600) for c in started]
+        again = [subprocess.CompletedProcess(c.args, c.returncode, *out)
+                 for c, out in zip(started, outputs, strict=True)]
     for command in again:
-        out, err = command.communicate(timeout=600)
-        assert command.returncode == 0, out[-3000:] + err[-3000:]
+        assert command.returncode == 0, command.stdout[-3000:] + command.stderr[-3000:]
     trials = trials_of(tmp_path, "k")
     states = [t.state for t in trials]
     # FAIL marks the two interruptions, once each; nothing is left waiting or running.

@@ -39,7 +39,8 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
     return images.float().flatten(1).mul_(1 / 255).add_(0.0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """One run, from these arguments (the command line's by default)."""
     start = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data")
@@ -62,7 +63,7 @@ def main() -> None:
                         help="keep subnormal floats (default: flushed in every thread, as mnist_lit fit does)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(args.flush_denormal)  # before the first computation: OpenMP's workers inherit it
