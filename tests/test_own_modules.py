@@ -16,7 +16,7 @@ import torch
 import yaml
 from research_modules import OwnTrainingStep
 
-from conftest import REPO, fit_args, only_run, read_events, scalar
+from conftest import REPO, fit_args, launch, only_run, read_events, scalar
 from mnist_lit.cli import main
 from mnist_lit.data import MNISTDataModule
 
@@ -197,17 +197,16 @@ def test_a_lightning_module_of_its_own_gets_the_run_machinery(tiny_mnist: Path, 
     assert record["metrics"]["test/acc"] > 0.5 and record["global_step"] == STEPS
     assert scalar(read_events(run), "test/acc") == [pytest.approx(record["metrics"]["test/acc"])]
 
-    # The checkpoint alone rebuilds the class, in a new process: test, resume, export.
+    # The checkpoint alone rebuilds the class, in a new process: test, resume, export (the CLI's commands forked
+    # from a server that never imported research_modules, the export a fresh interpreter).
     last = str(run / "checkpoints" / "last.ckpt")
-    done = subprocess.run([sys.executable, "-m", "mnist_lit", "test", "--ckpt_path", last, "--torch_threads", "1",
-                           "--trainer.logger.init_args.save_dir", str(tmp_path / "test")],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    done = launch(["test", "--ckpt_path", last, "--torch_threads", "1",
+                   "--trainer.logger.init_args.save_dir", str(tmp_path / "test")])
     assert done.returncode == 0, done.stderr[-3000:]
     tested = scalar(read_events(only_run(tmp_path / "test")), "test/acc")
     assert tested == [pytest.approx(record["metrics"]["test/acc"])]
-    resume = subprocess.run([sys.executable, "-m", "mnist_lit", "fit", "--ckpt_path", last, "--torch_threads", "1",
-                             "--trainer.max_epochs", "3", "--trainer.logger.init_args.save_dir",
-                             str(tmp_path / "more")], capture_output=True, text=True, env=ENV, timeout=300)
+    resume = launch(["fit", "--ckpt_path", last, "--torch_threads", "1", "--trainer.max_epochs", "3",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "more")])
     assert resume.returncode == 0, resume.stderr[-3000:]
     resumed = only_run(tmp_path / "more")
     assert json.loads((resumed / "metrics.json").read_text())["global_step"] == 3 * 16
@@ -215,9 +214,7 @@ def test_a_lightning_module_of_its_own_gets_the_run_machinery(tiny_mnist: Path, 
     export = subprocess.run([sys.executable, "-m", "mnist_lit.export", last, "--format", "pt2"],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert export.returncode == 0 and "largest difference" in export.stdout, export.stderr[-3000:]
-    predict = subprocess.run([sys.executable, "-m", "mnist_lit", "predict", "--ckpt_path", last,
-                              "--trainer.logger.init_args.save_dir", str(tmp_path / "predict")],
-                             capture_output=True, text=True, env=ENV, timeout=300)
+    predict = launch(["predict", "--ckpt_path", last, "--trainer.logger.init_args.save_dir", str(tmp_path / "predict")])
     assert predict.returncode == 1 and "Plain has no predict_step" in predict.stderr
     assert "Traceback" not in predict.stderr and not list((tmp_path / "predict").glob("*/*/predictions.csv"))
 
