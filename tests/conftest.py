@@ -3,6 +3,7 @@ two ways to run a command without a fresh interpreter's imports: ``run_main`` (i
 (a forked process of its own)."""
 
 import contextlib
+import gc
 import gzip
 import io
 import multiprocessing
@@ -62,6 +63,18 @@ def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = Tr
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images, gz)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, gz)
     return root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a process that collects (an xdist worker, or the one process of -n 0), the collector waits until the test
+    modules' imports (torch, Lightning, Optuna: hundreds of thousands of objects) are done, then skips them."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        gc.disable()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    gc.freeze()  # what the imports made lives as long as the worker: out of the collector's way, as in __main__.py
+    gc.enable()
 
 
 # The files that take longest, longest first (seconds of test time from `pytest --durations=0`, 2 cores): pytest-xdist

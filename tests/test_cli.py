@@ -1,5 +1,6 @@
 """The CLI as a user drives it: runs in-process through LightningCLI's ``args``, one in a new process."""
 
+import gc
 import json
 import math
 import subprocess
@@ -220,3 +221,9 @@ def test_the_program_freezes_its_start_up_and_collects_the_run():
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     enabled, frozen = done.stdout.split()[-2:]
     assert enabled == "True" and int(frozen) > 10_000, done.stdout[-500:] + done.stderr[-2000:]
+
+
+def test_the_test_workers_freeze_their_imports_and_collect_during_tests():
+    """tests/conftest.py does for the test processes what `python -m mnist_lit` does: the collector paused while the
+    test modules import, what they made frozen, and the collector on again for the tests themselves."""
+    assert gc.isenabled() and gc.get_freeze_count() > 10_000
