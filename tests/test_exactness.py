@@ -89,9 +89,8 @@ def plain_loop_weights(data: Path, folder: Path, **setting) -> list[torch.Tensor
         return digest, *sorted({**PLAIN_DEFAULTS, **s}.items())
 
     if key(setting) not in PLAIN_RUNS:
-        todo = list({key(s): s for s in (setting, *PLAIN_SETTINGS) if key(s) not in PLAIN_RUNS}.items())
-        runs = run_plain_loops(data, folder, [s for _, s in todo])
-        PLAIN_RUNS.update((k, weights) for (k, _), weights in zip(todo, runs, strict=True))
+        todo = {key(s): s for s in (setting, *PLAIN_SETTINGS) if key(s) not in PLAIN_RUNS}
+        PLAIN_RUNS.update(zip(todo, run_plain_loops(data, folder, list(todo.values())), strict=True))
     return [t.clone() for t in PLAIN_RUNS[key(setting)]]
 
 
