@@ -19,6 +19,7 @@ checkpoint it continues (``ckpt_path``), as does its metrics.json (``resumed_fro
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -104,9 +105,13 @@ class RunConfig(SaveConfigCallback):
     """``config.yaml``, the resolved config of the run, in its run folder whatever the logger; the same config
     in every checkpoint (``run_config``), so that the checkpoint alone is enough to resume, test or predict."""
 
+    @functools.cached_property
+    def dumped(self) -> str:
+        """The config as YAML text, made once per run (a dump costs jsonargparse ~0.05 s): config.yaml's text,
+        what ``parser.save`` would write, and what every checkpoint carries."""
+        return self.parser.dump(self.config, skip_none=False)
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if getattr(self, "dumped", None) is None:  # once per run: a dump costs ~0.1 s, checkpoints come often
-            self.dumped = self.parser.dump(self.config, skip_none=False)
         checkpoint["run_config"] = self.dumped  # YAML text: weights-only safe
 
     def __init__(self, *args, **kwargs):
@@ -122,14 +127,16 @@ class RunConfig(SaveConfigCallback):
             return
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.config_filename
-        if path.exists() and path.read_text() == self.parser.dump(self.config, skip_none=False):
+        if path.exists() and path.read_text() == self.dumped:
             return  # this run's own, written before: fit's test pass under ddp_spawn sets the callback up again
         if path.exists() and not self.overwrite:
             raise LogFolderError(f"{folder} already holds the {self.config_filename} of another run, and a run never "
                                  "overwrites another's files: leave the logger's version unset (each run then gets a "
                                  "new version_N) or choose another --trainer.default_root_dir.")
-        self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=self.overwrite,
-                         multifile=self.multifile)
+        if self.multifile:  # the config's own files kept apart (jsonargparse's __path__ metas)
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=True)
+        else:
+            path.write_text(self.dumped)
 
 
 def environment() -> dict:

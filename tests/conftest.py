@@ -3,6 +3,7 @@ two ways to run a command without a fresh interpreter's imports: ``run_main`` (i
 (a forked process of its own)."""
 
 import contextlib
+import functools
 import gc
 import gzip
 import io
@@ -55,13 +56,21 @@ def learnable_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels.to(torch.uint8)
 
 
+@functools.cache
+def learnable_idx_files(n: int, seed: int, gz: bool) -> tuple[bytes, bytes]:
+    """The bytes of ``learnable_digits(n, seed)``'s images and labels IDX files, gzipped or not: made once per
+    test process, written by every test that asks."""
+    images, labels = learnable_digits(n, seed)
+    return tuple(gzip.compress(idx_bytes(a)) if gz else idx_bytes(a) for a in (images, labels))
+
+
 def write_mnist(root: Path, n_train: int = 600, n_test: int = 200, gz: bool = True, folder: str = "MNIST") -> Path:
     """A tiny MNIST-shaped data set under root/<folder>/raw/ with torchvision's file names; returns root."""
     raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
     for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = learnable_digits(n, seed)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, gz)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, gz)
+        for kind, data in zip(("images-idx3", "labels-idx1"), learnable_idx_files(n, seed, gz), strict=True):
+            raw.joinpath(f"{prefix}-{kind}-ubyte" + (".gz" if gz else "")).write_bytes(data)
     return root
 
 

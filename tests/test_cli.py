@@ -3,6 +3,7 @@
 import gc
 import json
 import math
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from conftest import REPO, fit_args, launch, only_run, read_events, scalar
 from mnist_lit import engine
 from mnist_lit.cli import main
+from mnist_lit.search import fork
 
 
 def checkpoint(run: Path, name: str = "last.ckpt") -> dict:
@@ -212,15 +214,35 @@ def test_step_curves_are_lightnings_own_when_calls_do_not_divide_the_interval(ti
 
 
 @pytest.mark.slow
-def test_the_program_freezes_its_start_up_and_collects_the_run():
+@pytest.mark.parametrize("run_name", ["__main__", "__mp_main__"], ids=["python -m mnist_lit", "a ddp_spawn rank"])
+def test_the_program_freezes_its_start_up_and_collects_the_run(run_name: str):
     """`python -m mnist_lit` pauses the garbage collector while torch and Lightning load, then freezes what they
-    made (docs/benchmarks.md: start-up). The collector must be on again for the run, or its garbage piles up."""
-    check = ("import gc, runpy, sys\nsys.argv = ['mnist_lit', '--help']\ntry:\n"
-             "    runpy.run_module('mnist_lit', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "print(gc.isenabled(), gc.get_freeze_count())")
+    made (mnist_lit/preload.py), and so does a rank that ddp_spawn starts: it imports the same file first, as
+    __mp_main__. The collector must be on again for the run, or its garbage piles up."""
+    check = (f"import gc, runpy, sys\nsys.argv = ['mnist_lit', '--help']\ntry:\n"
+             f"    runpy.run_module('mnist_lit', run_name={run_name!r})\nexcept SystemExit:\n    pass\n"
+             "print(gc.isenabled(), gc.get_freeze_count(), 'mnist_lit.cli' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
-    enabled, frozen = done.stdout.split()[-2:]
-    assert enabled == "True" and int(frozen) > 10_000, done.stdout[-500:] + done.stderr[-2000:]
+    enabled, frozen, imported = done.stdout.split()[-3:]
+    assert enabled == imported == "True" and int(frozen) > 10_000, done.stdout[-500:] + done.stderr[-2000:]
+
+
+def collector_state(answer) -> None:
+    answer.put((gc.isenabled(), gc.get_freeze_count()))
+
+
+def test_runs_forked_from_the_server_find_its_imports_frozen_and_collect():
+    """The fork server that a search's trials (and this file's launched runs) are forked from imported the CLI with
+    the collector paused and froze what it made (mnist_lit/preload.py): a process forked from it starts so."""
+    fork.run(["--help"], timeout=300)  # the server runs, with its preload (started here or by an earlier test)
+    context = multiprocessing.get_context("forkserver")
+    answer = context.SimpleQueue()
+    child = context.Process(target=collector_state, args=(answer,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0 and not answer.empty(), f"the forked child ended with {child.exitcode}"
+    enabled, frozen = answer.get()
+    assert enabled and frozen > 10_000
 
 
 def test_the_test_workers_freeze_their_imports_and_collect_during_tests():

@@ -3,8 +3,9 @@ paying its imports again.
 
 Importing torch, Lightning and jsonargparse is about 3 s of CPU per process, longer than a short trial's own
 training (mnist_lit/clock.py's ``start_up``). The search starts one server per command (multiprocessing's
-``forkserver``: a fresh interpreter that imports ``mnist_lit.cli`` and forks on request, never computing), and
-each trial is a child of it, so that it is still a process of its own, as before:
+``forkserver``: a fresh interpreter that imports ``mnist_lit.cli`` through mnist_lit/preload.py, the collector
+paused, and forks on request, never computing), and each trial is a child of it, so that it is still a process of
+its own, as before:
 - its console (stdout and stderr) goes to the trial's log file; its exit code is the one ``python -m mnist_lit``
   would give (``sys.exit("error: ...")`` is 1, a signal is minus its number);
 - Ctrl-C reaches it through the terminal's process group (the server ignores it), and it gets SIGTERM, writing
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import gc
 import importlib.util
 import multiprocessing
 import os
@@ -37,7 +37,7 @@ def start(argv: list[str], stdout: Path, stderr: Path | None = None,
     """``python -m mnist_lit <argv>`` in a forked child, started: its stdout appended to ``stdout``, its stderr
     to ``stderr`` (by default the same file), its environment ``env`` (by default this process's)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mnist_lit.cli"])  # read when the server starts: the first trial of a command
+    context.set_forkserver_preload(["mnist_lit.preload"])  # read when the server starts: a command's first trial
     process = context.Process(target=_main, name="mnist_lit fit", args=(
         argv, str(stdout), str(stderr or stdout), os.getpid(), os.getcwd(), dict(os.environ if env is None else env)))
     process.start()
@@ -71,7 +71,6 @@ def _main(argv: list[str], stdout: str, stderr: str, search: int, cwd: str, envi
     os.chdir(cwd)  # the server's are those of the moment it started
     os.environ.clear()
     os.environ.update(environ)
-    gc.freeze()  # the imports live as long as the process: out of the collector's way, as in mnist_lit/__main__.py
     for stream, path in ((1, stdout), (2, stderr)):
         log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, stream)

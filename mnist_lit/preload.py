@@ -1,0 +1,20 @@
+"""The CLI's imports, made once with the cyclic garbage collector paused: what a process that will run
+``mnist_lit.cli`` imports first (``python -m mnist_lit``, a rank that ``ddp_spawn`` starts, the fork server that a
+search's trials and the tests' runs are forked from: mnist_lit/search/fork.py).
+
+Importing torch, Lightning and torchmetrics makes hundreds of thousands of objects, and the collector scans them
+over and over while they load: a large part of a short run's start-up (docs/benchmarks.md). What they made is then
+frozen: module-level objects live as long as the process anyway, so the collector never scans them again, in this
+process or in any process forked from it. Everything a run makes later is collected as usual.
+"""
+
+import gc
+
+_collecting = gc.isenabled()
+gc.disable()
+try:
+    import mnist_lit.cli  # noqa: F401
+finally:
+    gc.freeze()
+    if _collecting:
+        gc.enable()
