@@ -25,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -135,10 +136,21 @@ class MNISTCLI(LightningCLI):
             if isinstance(handler, DroppedArguments):
                 handler.notice(config.model.class_path)
         if self.run_config:
-            config = self.parser.dump(self.config, skip_none=False)
+            config = self.parser.dump(self.config, skip_none=False, skip_validation=True)  # validated just now
             changed = changed_beside_checkpoint(self.run_config, config, self.config.subcommand)
             if changed:
                 raise CheckpointError(checkpoint_conflict_message(ckpt_path, changed))
+
+    def _dump_config(self) -> None:
+        # Lightning's dump of the config for the model's hyperparameters, without validating the config a second
+        # time (parse_arguments did, and the checks are most of a dump's cost): the same text, ~0.05 s sooner at
+        # every launch. (tests/test_lightning_private.py compares it with Lightning's own.)
+        if not hasattr(self, "config_dump"):
+            dump = self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml",
+                                    skip_validation=True)
+            self.config_dump = yaml.safe_load(dump)
+            if "subcommand" in self.config:
+                self.config_dump = self.config_dump[self.config.subcommand]
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's own merge puts the checkpoint's model hyperparameters over the user's flags; a checkpoint

@@ -107,9 +107,10 @@ class RunConfig(SaveConfigCallback):
 
     @functools.cached_property
     def dumped(self) -> str:
-        """The config as YAML text, made once per run (a dump costs jsonargparse ~0.05 s): config.yaml's text,
-        what ``parser.save`` would write, and what every checkpoint carries."""
-        return self.parser.dump(self.config, skip_none=False)
+        """The config as YAML text, made once per run: config.yaml's text, what ``parser.save`` would write, and
+        what every checkpoint carries. The CLI validated the config when it parsed it; a dump that validated it again
+        would give the same text in twice the time (tests/test_lightning_private.py)."""
+        return self.parser.dump(self.config, skip_none=False, skip_validation=True)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["run_config"] = self.dumped  # YAML text: weights-only safe

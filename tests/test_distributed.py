@@ -37,21 +37,23 @@ def ddp_args(data: Path, logs: Path, *extra: str) -> list[str]:
                     "--trainer.devices", "2", *extra)
 
 
-@pytest.mark.parametrize("seed", ["0", "false"], ids=["seeded", "unseeded"])
-def test_ddp_ranks_share_each_epoch_and_write_one_run(tiny_mnist: Path, tmp_path: Path, seed: str):
-    # Unseeded, every rank has its own torch seed: the permutation must still be rank 0's on all of them.
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    run_cli(ddp_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--data.val_size", "101",
-                     "--seed_everything", seed, "--trainer.callbacks+=shard_recorder.ShardRecorder"), tmp_path,
-            SHARD_RECORDER_DIR=str(shards))
-    for epoch in range(2):
+def assert_ranks_share_each_epoch(shards: Path, epochs: int) -> None:
+    """What tests/shard_recorder.py wrote: per epoch, the two ranks' rows are disjoint halves of one permutation
+    of the 499 training rows (one dropped so both ranks step equally), and the permutation changes per epoch."""
+    for epoch in range(epochs):
         rank0, rank1 = (json.loads((shards / f"rank{r}-epoch{epoch}.json").read_text()) for r in range(2))
-        assert len(rank0) == len(rank1) == 249  # 499 training rows: one dropped so both ranks step equally
+        assert len(rank0) == len(rank1) == 249
         assert not set(rank0) & set(rank1) and len(set(rank0 + rank1)) == 498
     epoch0 = json.loads((shards / "rank0-epoch0.json").read_text())
     assert epoch0 != json.loads((shards / "rank0-epoch1.json").read_text())  # reshuffled per epoch
 
+
+def test_ddp_ranks_share_each_epoch_and_write_one_run(tiny_mnist: Path, tmp_path: Path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    run_cli(ddp_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "2", "--data.val_size", "101",
+                     "--trainer.callbacks+=shard_recorder.ShardRecorder"), tmp_path, SHARD_RECORDER_DIR=str(shards))
+    assert_ranks_share_each_epoch(shards, epochs=2)
     run = only_run(tmp_path / "logs")  # one TensorBoard run, one config, one set of checkpoints
     assert writer_processes(run) == 1 and (run / "config.yaml").is_file()
     assert sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir()) == ["best", "last.ckpt"]
@@ -161,13 +163,19 @@ def test_a_failing_node_is_named_with_its_exit_code_and_log(tiny_mnist: Path, tm
     assert message.startswith("node 1 failed") and "FailOnRank: rank 1 fails on purpose" in message
 
 
-def test_two_tasks_under_simulated_srun_write_one_run(tiny_mnist: Path, tmp_path: Path):
-    # What srun gives each of 2 tasks on one node; Lightning's SLURMEnvironment starts no processes itself.
+def test_two_unseeded_tasks_under_simulated_srun_share_each_epoch_and_write_one_run(tiny_mnist: Path,
+                                                                                    tmp_path: Path):
+    # What srun gives each of 2 tasks on one node; Lightning's SLURMEnvironment starts no processes itself. Unseeded,
+    # each task has its own torch seed: the permutation must still be rank 0's on both.
+    shards = tmp_path / "shards"
+    shards.mkdir()
     args = fit_args(tiny_mnist, tmp_path / "logs", "--trainer", str(TRAINER / "ddp.yaml"), "--trainer.accelerator",
-                    "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "1")
+                    "cpu", "--trainer.devices", "2", "--trainer.max_epochs", "2", "--data.val_size", "101",
+                    "--seed_everything", "false", "--trainer.callbacks+=shard_recorder.ShardRecorder")
     slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
              "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mnist", "SLURM_NODELIST": "127.0.0.1",
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(TESTS)}
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(TESTS),
+             "SHARD_RECORDER_DIR": str(shards)}
     tasks = [subprocess.Popen([sys.executable, "-m", "mnist_lit", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
@@ -175,6 +183,7 @@ def test_two_tasks_under_simulated_srun_write_one_run(tiny_mnist: Path, tmp_path
     for task in tasks:
         _, err = task.communicate(timeout=300)
         assert task.returncode == 0, err[-4000:]
+    assert_ranks_share_each_epoch(shards, epochs=2)
     run = only_run(tmp_path / "logs")  # rank 1 did not claim a version_N of its own
     assert writer_processes(run) == 1 and (run / "metrics.json").is_file()
 

@@ -16,9 +16,12 @@ from mnist_lit.cli import main
 from mnist_lit.search import fork
 
 
-def trained_checkpoint(data: Path, tmp_path: Path, *extra: str) -> Path:
-    main(fit_args(data, tmp_path / "trained", "--trainer.max_epochs", "1", *extra))
-    return only_run(tmp_path / "trained") / "checkpoints" / "last.ckpt"
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The last.ckpt of a 1-epoch run, trained once for this file: the tests damage copies of it, never it."""
+    root = tmp_path_factory.mktemp("trained")
+    main(fit_args(write_mnist(root / "data"), root / "logs", "--trainer.max_epochs", "1"))
+    return only_run(root / "logs") / "checkpoints" / "last.ckpt"
 
 
 class WritesAFile:
@@ -55,9 +58,8 @@ def bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("subcommand", ["fit", pytest.param("test", marks=pytest.mark.slow)])  # the same check
 @pytest.mark.parametrize("case", ["missing", "random bytes", "truncated", "not lightning", "other network",
                                   "runs code"])
-def test_bad_checkpoint_gets_one_paragraph_and_runs_nothing(tiny_mnist: Path, tmp_path: Path, case: str,
+def test_bad_checkpoint_gets_one_paragraph_and_runs_nothing(good: Path, tiny_mnist: Path, tmp_path: Path, case: str,
                                                             subcommand: str):
-    good = trained_checkpoint(tiny_mnist, tmp_path)
     path, expected = bad_checkpoints(tmp_path, good)[case]
     args = fit_args(tiny_mnist, tmp_path / "logs", "--ckpt_path", str(path))
     args[0] = subcommand
@@ -67,8 +69,7 @@ def test_bad_checkpoint_gets_one_paragraph_and_runs_nothing(tiny_mnist: Path, tm
     assert torch.load(good, weights_only=True)["global_step"] == 16  # nothing already written was touched
 
 
-def test_any_damaged_bytes_give_the_checkpoint_message(tmp_path: Path):
-    good = trained_checkpoint(write_mnist(tmp_path / "data"), tmp_path)
+def test_any_damaged_bytes_give_the_checkpoint_message(good: Path, tmp_path: Path):
     content = good.read_bytes()
     generator = random.Random(0)
     for trial in range(40):  # random files, and the real file cut or with a flipped byte
@@ -97,9 +98,8 @@ def test_impossible_sizes_are_refused_at_parse_time(tiny_mnist: Path, tmp_path: 
     assert exit_.value.code == 2 and option.split("=")[0].lstrip("-").split(".")[-1] in capsys.readouterr().err
 
 
-def test_diverging_loss_stops_with_the_step_and_writes_no_broken_checkpoint(
-        tiny_mnist: Path, tmp_path: Path):
-    good = trained_checkpoint(tiny_mnist, tmp_path)
+def test_diverging_loss_stops_with_the_step_and_writes_no_broken_checkpoint(good: Path, tiny_mnist: Path,
+                                                                            tmp_path: Path):
     before = good.read_bytes()
     message = fails_with(fit_args(tiny_mnist, tmp_path / "logs", "--model.optimizer.init_args.lr", "1e9"))
     assert "The training loss became" in message and "at SGD step" in message
