@@ -8,13 +8,23 @@ frozen: module-level objects live as long as the process anyway, so the collecto
 process or in any process forked from it. Everything a run makes later is collected as usual.
 """
 
+import contextlib
 import gc
+from collections.abc import Iterator
 
-_collecting = gc.isenabled()
-gc.disable()
-try:
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The collector off while the block runs (imports), and what it made frozen after."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
+
+
+with collector_paused():
     import mnist_lit.cli  # noqa: F401
-finally:
-    gc.freeze()
-    if _collecting:
-        gc.enable()

@@ -227,13 +227,19 @@ def test_the_program_freezes_its_start_up_and_collects_the_run(run_name: str):
     assert enabled == imported == "True" and int(frozen) > 10_000, done.stdout[-500:] + done.stderr[-2000:]
 
 
+TRIAL_IMPORTS = ["mnist_lit.cli", "torch.utils.tensorboard", "mnist_lit.search.pruning", "optuna.storages._rdb.models",
+                 "alembic.script"]
+
+
 def collector_state(answer) -> None:
-    answer.put((gc.isenabled(), gc.get_freeze_count()))
+    answer.put((gc.isenabled(), gc.get_freeze_count(), [name for name in TRIAL_IMPORTS if name not in sys.modules]))
 
 
 def test_runs_forked_from_the_server_find_its_imports_frozen_and_collect():
     """The fork server that a search's trials (and this file's launched runs) are forked from imported the CLI with
-    the collector paused and froze what it made (mnist_lit/preload.py): a process forked from it starts so."""
+    the collector paused and froze what it made (mnist_lit/preload.py), and what every trial would import again
+    besides (mnist_lit/search/trial_imports.py, among them a private module of Optuna's): a process forked from it
+    starts so."""
     fork.run(["--help"], timeout=300)  # the server runs, with its preload (started here or by an earlier test)
     context = multiprocessing.get_context("forkserver")
     answer = context.SimpleQueue()
@@ -241,8 +247,9 @@ def test_runs_forked_from_the_server_find_its_imports_frozen_and_collect():
     child.start()
     child.join(120)
     assert child.exitcode == 0 and not answer.empty(), f"the forked child ended with {child.exitcode}"
-    enabled, frozen = answer.get()
+    enabled, frozen, missing = answer.get()
     assert enabled and frozen > 10_000
+    assert not missing, f"the fork server no longer imports {missing}: update mnist_lit/search/trial_imports.py"
 
 
 def test_the_test_workers_freeze_their_imports_and_collect_during_tests():

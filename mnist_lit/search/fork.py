@@ -4,8 +4,8 @@ paying its imports again.
 Importing torch, Lightning and jsonargparse is about 3 s of CPU per process, longer than a short trial's own
 training (mnist_lit/clock.py's ``start_up``). The search starts one server per command (multiprocessing's
 ``forkserver``: a fresh interpreter that imports ``mnist_lit.cli`` through mnist_lit/preload.py, the collector
-paused, and forks on request, never computing), and each trial is a child of it, so that it is still a process of
-its own, as before:
+paused, then what trials import besides, mnist_lit/search/trial_imports.py, and forks on request, never
+computing), and each trial is a child of it, so that it is still a process of its own, as before:
 - its console (stdout and stderr) goes to the trial's log file; its exit code is the one ``python -m mnist_lit``
   would give (``sys.exit("error: ...")`` is 1, a signal is minus its number);
 - Ctrl-C reaches it through the terminal's process group (the server ignores it), and it gets SIGTERM, writing
@@ -37,7 +37,7 @@ def start(argv: list[str], stdout: Path, stderr: Path | None = None,
     """``python -m mnist_lit <argv>`` in a forked child, started: its stdout appended to ``stdout``, its stderr
     to ``stderr`` (by default the same file), its environment ``env`` (by default this process's)."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mnist_lit.preload"])  # read when the server starts: a command's first trial
+    context.set_forkserver_preload(["mnist_lit.preload", "mnist_lit.search.trial_imports"])  # at the server's start
     process = context.Process(target=_main, name="mnist_lit fit", args=(
         argv, str(stdout), str(stderr or stdout), os.getpid(), os.getcwd(), dict(os.environ if env is None else env)))
     process.start()
