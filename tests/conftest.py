@@ -90,9 +90,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 # hands out whole files in collection order (pyproject.toml: --dist loadfile --no-loadscope-reorder), so the long
 # ones start first and the short ones fill the gaps at the end. The order schedules and nothing more: a file not
 # named here runs after these, and a stale order costs seconds, never a result.
-LONGEST_FIRST = ["test_distributed", "test_search", "test_search_resume", "test_faults", "test_exactness",
-                 "test_export", "test_own_modules", "test_search_grid", "test_real_mnist", "test_optimization",
-                 "test_resume", "test_trainer_flags", "test_loggers", "test_cli", "test_extending", "test_predict"]
+LONGEST_FIRST = ["test_distributed", "test_search", "test_search_resume", "test_real_mnist", "test_exactness",
+                 "test_faults", "test_export", "test_search_grid", "test_own_modules", "test_cli", "test_optimization",
+                 "test_loggers", "test_trainer_flags", "test_resume", "test_predict", "test_extending"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

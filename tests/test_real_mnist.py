@@ -26,17 +26,19 @@ def test_real_files_pass_every_check_and_hold_the_known_classes(real_mnist: Path
 
 
 def test_default_config_reaches_98_percent_on_t10k(real_mnist: Path, tmp_path: Path):
-    """The README's figures: 10 epochs of the default config, then `test` on the best checkpoint."""
+    """The README's figures: 10 epochs of the default config, then `test` on the best checkpoint. On one torch
+    thread, as every test here: two would contend with the other test worker, and the digits move only in the
+    fourth decimal."""
     common = ["--config", str(REPO / "configs" / "default.yaml"), "--data.data_dir", str(real_mnist),
               "--data.download", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-              "--trainer.enable_progress_bar", "false"]
+              "--trainer.enable_progress_bar", "false", "--torch_threads", "1"]
     main(["fit", *common])
     run = only_run(tmp_path / "logs")
-    assert max(scalar(read_events(run), "val/acc")) >= 0.98  # measured: 0.982 (seed 0)
+    assert max(scalar(read_events(run), "val/acc")) >= 0.98  # measured: 0.9816 (seed 0; 0.9822 on two threads)
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
 
     test_logs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "test_logs")]
     done = launch(["test", *common, *test_logs, "--ckpt_path", str(best)])
     assert done.returncode == 0, done.stderr[-3000:]
     (test_acc,) = scalar(read_events(only_run(tmp_path / "test_logs")), "test/acc")
-    assert test_acc >= 0.98  # measured: 0.9846
+    assert test_acc >= 0.98  # measured: 0.9838 (0.9845 on two threads)
