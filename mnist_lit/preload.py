@@ -1,6 +1,7 @@
 """The CLI's imports, made once with the cyclic garbage collector paused: what a process that will run
-``mnist_lit.cli`` imports first (``python -m mnist_lit``, a rank that ``ddp_spawn`` starts, the fork server that a
-search's trials and the tests' runs are forked from: mnist_lit/search/fork.py).
+``mnist_lit.cli`` imports first (``python -m mnist_lit``, the fork server that a search's trials and the tests'
+runs are forked from: mnist_lit/search/fork.py). A rank that ``ddp_spawn`` starts imports the CLI as it unpickles
+its work, before any code of ours runs, so it pays the collector still.
 
 Importing torch, Lightning and torchmetrics makes hundreds of thousands of objects, and the collector scans them
 over and over while they load: a large part of a short run's start-up (docs/benchmarks.md). What they made is then

@@ -214,13 +214,11 @@ def test_step_curves_are_lightnings_own_when_calls_do_not_divide_the_interval(ti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run_name", ["__main__", "__mp_main__"], ids=["python -m mnist_lit", "a ddp_spawn rank"])
-def test_the_program_freezes_its_start_up_and_collects_the_run(run_name: str):
+def test_the_program_freezes_its_start_up_and_collects_the_run():
     """`python -m mnist_lit` pauses the garbage collector while torch and Lightning load, then freezes what they
-    made (mnist_lit/preload.py), and so does a rank that ddp_spawn starts: it imports the same file first, as
-    __mp_main__. The collector must be on again for the run, or its garbage piles up."""
-    check = (f"import gc, runpy, sys\nsys.argv = ['mnist_lit', '--help']\ntry:\n"
-             f"    runpy.run_module('mnist_lit', run_name={run_name!r})\nexcept SystemExit:\n    pass\n"
+    made (mnist_lit/preload.py). The collector must be on again for the run, or its garbage piles up."""
+    check = ("import gc, runpy, sys\nsys.argv = ['mnist_lit', '--help']\ntry:\n"
+             "    runpy.run_module('mnist_lit', run_name='__main__')\nexcept SystemExit:\n    pass\n"
              "print(gc.isenabled(), gc.get_freeze_count(), 'mnist_lit.cli' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     enabled, frozen, imported = done.stdout.split()[-3:]
