@@ -135,7 +135,7 @@ class RunConfig(SaveConfigCallback):
                                  "overwrites another's files: leave the logger's version unset (each run then gets a "
                                  "new version_N) or choose another --trainer.default_root_dir.")
         if self.multifile:  # the config's own files kept apart (jsonargparse's __path__ metas)
-            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=True)
+            self.parser.save(self.config, path, skip_none=False, overwrite=self.overwrite, multifile=True)
         else:
             path.write_text(self.dumped)
 

@@ -80,7 +80,8 @@ def test_the_fast_path_steps_the_optimizer_as_lightnings_wrapper_does(tiny_mnist
 def test_the_cli_dumps_its_config_once_validated_as_lightning_would(tiny_mnist: Path, tmp_path: Path):
     # MNISTCLI._dump_config (the model's hyperparameters) and RunConfig.dumped (config.yaml, every checkpoint's
     # run_config) dump the parsed config without validating it again. They must give what Lightning's own
-    # _dump_config and a validating dump give, for a config with a class path in every place one can sit.
+    # _dump_config and a validating dump give, for configs whose class paths name a subclass with a loss of its own
+    # and a LightningModule of one's own, a network, a schedule, an augmentation, a callback and a logger.
     # Public replacement: a LightningCLI option to skip the second validation.
     import inspect
 
