@@ -63,7 +63,78 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict). "
                               "Pass a .ckpt written by mnist_lit's fit.")
+    check_stored_config(checkpoint, path)
     return checkpoint
+
+
+# A run's stored config has a few hundred entries; past these bounds it is refused before anything walks or parses it.
+STORED_CONFIG_CHARS, STORED_CONFIG_NODES = 256_000, 100_000
+
+
+def expanded_size(root, children) -> int:
+    """How many nodes the tree under ``root`` has once every shared part is counted where it appears (what a YAML
+    alias, or a pickled object referenced twice, expands to); a cycle raises RecursionError. Each distinct node is
+    visited once, so a "billion laughs" costs what its text does, not what it expands to."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()  # the current node's ancestors: meeting one again is a cycle
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children(node))
+        elif id(node) not in sizes:
+            on_path.add(id(node))
+            stack.append((node, True))
+            for child in children(node):
+                if id(child) in on_path:
+                    raise RecursionError("it contains itself")
+                if id(child) not in sizes:
+                    stack.append((child, False))
+    return sizes[id(root)]
+
+
+def yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def python_children(value) -> list:
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    return list(value) if isinstance(value, (list, tuple, set)) else []
+
+
+def check_stored_config(checkpoint: dict, path: str) -> None:
+    """The gate every stored config passes before it is walked or parsed (trust.py, the CLI, a rebuild): the run's
+    YAML text and the pickled hyperparameters must be finite and of a config's size. An alias that contains itself,
+    or aliases that expand exponentially, are refused in the time it takes to read the text."""
+    def refuse(what: str, why: str):
+        return CheckpointError(f"Refused to use {path}: its stored {what} {why}, which no config written by mnist_lit "
+                               "does, so nothing in it was parsed or imported. Use a checkpoint from a run you trust, "
+                               "or a fresh one from fit.")
+
+    text = checkpoint.get("run_config")
+    if text is not None:
+        if not isinstance(text, str) or len(text) > STORED_CONFIG_CHARS:
+            raise refuse("run config", f"is not YAML text of at most {STORED_CONFIG_CHARS:,} characters")
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases stay shared nodes: nothing expands yet
+            size = expanded_size(root, yaml_children) if root is not None else 0
+        except RecursionError as err:
+            raise refuse("run config", f"is nested without end ({err or 'too deep'})") from None
+        except yaml.YAMLError as err:
+            raise refuse("run config", f"is not plain YAML ({str(err).splitlines()[0]})") from None
+        if size > STORED_CONFIG_NODES:
+            raise refuse("run config", f"expands to {size:,} entries through its aliases")
+    for section in ("hyper_parameters", "datamodule_hyper_parameters"):
+        try:
+            size = expanded_size(checkpoint.get(section) or {}, python_children)
+        except RecursionError as err:
+            raise refuse(section, f"is nested without end ({err or 'too deep'})") from None
+        if size > STORED_CONFIG_NODES:
+            raise refuse(section, f"expands to {size:,} entries through shared references")
 
 
 def module_config(checkpoint: dict) -> dict:
@@ -119,4 +190,6 @@ class LastCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
         if interrupted and self.dirpath and not trainer.sanity_checking:
-            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"))
+            # weights_only=False, said outright: the whole state a resume needs (and no notice that it defaulted)
+            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"),
+                                    weights_only=False)

@@ -27,10 +27,11 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse.typing import PositiveInt
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from mnist_lit.checkpoints import (
@@ -39,7 +40,6 @@ from mnist_lit.checkpoints import (
     CheckpointError,
     LastCheckpoint,
     check_fits,
-    load_checkpoint,
 )
 from mnist_lit.clock import RunClock
 from mnist_lit.data import MNISTDataModule
@@ -50,23 +50,34 @@ from mnist_lit.optimization import OptimizationError
 from mnist_lit.parsing import DroppedArguments, Parser
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.report import TensorBoardReport
+from mnist_lit.resume import (
+    RunStopped,
+    changed_beside_checkpoint,
+    checkpoint_conflict_message,
+    ckpt_path_in,
+    gate,
+    leave_hpc_checkpoints_alone,
+    own_checkpoint,
+    requeue,
+    restarts,
+    stopped,
+    with_run_config,
+)
 from mnist_lit.runs import (
     RUNS_NAME,
     RUNS_ROOT,
     LogFolderError,
     RunConfig,
-    changed_beside_checkpoint,
-    checkpoint_conflict_message,
-    ckpt_path_in,
     claim_logger_folders,
     claim_run_folder,
     finish_loggers,
     launched_rank,
     run_folder,
-    with_run_config,
+    runs_root,
+    scheduler_job,
     write_results,
 )
-from mnist_lit.trust import TRUST_OPTION, UntrustedImports, check_imports, named_by_user, without_trust
+from mnist_lit.trust import TRUST_OPTION, UntrustedImports
 
 TRAINER_DEFAULTS = {
     # One TensorBoard run per invocation: logs/mnist/version_N/, config.yaml and checkpoints/ beside the events.
@@ -80,7 +91,13 @@ class MNISTCLI(LightningCLI):
         argv = kwargs.get("args")
         argv = sys.argv[1:] if argv is None else argv
         self.asked = argv[0] if isinstance(argv, list) and argv and argv[0] in LightningCLI.subcommands() else None
-        super().__init__(*args, **kwargs)
+        self.stop_signal = signal.SIGTERM  # what stops a run at Lightning's next safe point (before_fit)
+        try:
+            super().__init__(*args, **kwargs)
+        except SIGTERMException:  # Lightning's: a SystemExit with code 0, as if the run had finished
+            trainer = getattr(self, "trainer", None)
+            asked_requeue = self.stop_signal == signal.SIGUSR1 and (trainer is None or trainer.is_global_zero)
+            raise stopped(self.subcommand, trainer, self.stop_signal, requeue() if asked_requeue else None) from None
 
     def subcommands(self) -> dict[str, set[str]]:
         """Lightning's subcommands; a command line that starts with one builds that one's parser alone (each costs
@@ -120,26 +137,57 @@ class MNISTCLI(LightningCLI):
                                  "as more threads do (docs/benchmarks.md).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """With --ckpt_path: the checkpoint is checked first (a clear refusal, nothing unpickled), and the run's
-        own config it carries is parsed under the user's arguments, which may change only what
-        ``runs.BESIDE_CHECKPOINT`` allows."""
+        """With --ckpt_path: the checkpoint passes the gate first (``resume.gate``: a clear refusal, nothing
+        unpickled, nothing unvouched imported), and the run's own config it carries is parsed under the user's
+        arguments, which may change only what ``resume.BESIDE_CHECKPOINT`` allows. A fit that its scheduler started
+        again, given no checkpoint, does the same with its own run's last.ckpt (``resume.own_checkpoint``)."""
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
-        ckpt_path = ckpt_path_in(argv) if argv else None
         self.run_config = None
-        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and argv[0] in self.subcommands():
-            checkpoint = load_checkpoint(ckpt_path)
-            check_imports(ckpt_path, checkpoint, named_by_user(argv))  # before anything it names is imported
-            self.run_config = checkpoint.get("run_config") and without_trust(checkpoint["run_config"])
-        super().parse_arguments(parser, with_run_config(argv, self.run_config) if self.run_config else args)
+        if not argv or argv[0] not in self.subcommands():
+            return self.parse_plain(parser, args)
+        ckpt_path = ckpt_path_in(argv)
+        if ckpt_path == "hpc":
+            raise CheckpointError("--ckpt_path hpc restores whatever hpc_ckpt_N.ckpt Lightning finds in the working "
+                                  "directory, whichever job wrote it, and mnist_lit writes none: a requeued job "
+                                  "resumes its own run by itself. Pass the path of the checkpoint to continue.")
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
+            return self.parse_beside(parser, argv, ckpt_path)
+        self.parse_plain(parser, args)
+        job = scheduler_job()
+        if argv[0] != "fit" or ckpt_path or not restarts() or not job:
+            return
+        own = own_checkpoint(runs_root(self.config.fit), job)
+        if own is None:
+            rank_zero_info(f"mnist_lit: {job} started again, but none of its runs under "
+                           f"{runs_root(self.config.fit)} wrote a last.ckpt: it starts from the beginning.")
+            return
+        try:
+            self.parse_beside(parser, [*argv, "--ckpt_path", str(own)], str(own))
+        except (CheckpointError, UntrustedImports) as err:
+            self.run_config = None
+            self.parse_plain(parser, args)
+            rank_zero_info(f"mnist_lit: left {own} alone, although this job ({job}) wrote it: "
+                           f"{getattr(err, 'changed', None) or err}. This job starts a run of its own.")
+            return
+        rank_zero_info(f"mnist_lit: {job} started again (restart {restarts()}): it resumes its own run from {own}.")
+
+    def parse_plain(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         for handler in parser.logger.handlers:
             if isinstance(handler, DroppedArguments):
                 handler.notice(config.model.class_path)
+
+    def parse_beside(self, parser: LightningArgumentParser, argv: list[str], ckpt_path: str) -> None:
+        self.run_config = gate(ckpt_path, argv)
+        self.parse_plain(parser, with_run_config(argv, self.run_config) if self.run_config else argv)
         if self.run_config:
             config = self.parser.dump(self.config, skip_none=False, skip_validation=True)  # validated just now
             changed = changed_beside_checkpoint(self.run_config, config, self.config.subcommand)
             if changed:
-                raise CheckpointError(checkpoint_conflict_message(ckpt_path, changed))
+                error = CheckpointError(checkpoint_conflict_message(ckpt_path, changed))
+                error.changed = "; ".join(changed)
+                raise error
 
     def _dump_config(self) -> None:
         # Lightning's dump of the config for the model's hyperparameters, without validating the config a second
@@ -160,8 +208,12 @@ class MNISTCLI(LightningCLI):
             super()._parse_ckpt_path()
 
     def before_run(self) -> None:
-        """Before any subcommand: the checkpoint fits the configured network, and the run folder is claimed."""
+        """Before any subcommand: the checkpoint fits the configured network, no checkpoint of another job is
+        adopted, and the run folder is claimed."""
         check_fits(self.model, self.config[self.subcommand].get("ckpt_path") or "best")
+        notice = leave_hpc_checkpoints_alone(self.trainer)
+        if notice:
+            rank_zero_info(notice)
         claim_logger_folders(self.trainer)
 
     before_validate = before_test = before_run
@@ -177,8 +229,15 @@ class MNISTCLI(LightningCLI):
         self.before_run()
         # Ctrl-C raises KeyboardInterrupt wherever Python happens to be, e.g. between taking a batch and
         # stepping on it. Turned into SIGTERM, it stops at Lightning's next safe point instead, so the
-        # last.ckpt written on the way out resumes exactly.
-        signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        # last.ckpt written on the way out resumes exactly. So does SLURM's warning before a preemption or the
+        # time limit (sbatch --signal=SIGUSR1@90), after which the job is requeued (mnist_lit/resume.py).
+        signal.signal(signal.SIGINT, lambda *_: self.stop_at_next_step(signal.SIGINT))
+        if isinstance(self.trainer._accelerator_connector.cluster_environment, SLURMEnvironment):
+            signal.signal(signal.SIGUSR1, lambda *_: self.stop_at_next_step(signal.SIGUSR1))
+
+    def stop_at_next_step(self, signum: int) -> None:
+        self.stop_signal = signum
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -205,8 +264,6 @@ class MNISTCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if trainer.interrupted:  # Ctrl-C: last.ckpt was written; an unfinished run has no results
-            return
         folder = run_folder(trainer)  # a collective under DDP: every rank asks
         results = {k: v.item() for k, v in trainer.callback_metrics.items() if k in ("val/acc_best", "val/loss")}
         best_score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
@@ -243,7 +300,7 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     (JSONARGPARSE_DEBUG=1 shows the traceback)."""
     # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
     warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
-    sigint_handler = signal.getsignal(signal.SIGINT)  # before_fit replaces it for the run's duration
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGUSR1)}  # before_fit's own
     parse_log = logging.getLogger("mnist_lit.parse")  # what jsonargparse says while it parses: heard, not shown
     parse_log.setLevel(logging.DEBUG)
     parse_log.propagate = False
@@ -260,8 +317,13 @@ def main(args: list[str] | None = None) -> MNISTCLI:
         if os.environ.get("JSONARGPARSE_DEBUG"):
             raise
         sys.exit("error: " + " ".join(str(err).split()))  # one paragraph
+    except RunStopped as stop:
+        if stop.message:
+            print(stop.message, file=sys.stderr)
+        sys.exit(stop.code)
     finally:
-        signal.signal(signal.SIGINT, sigint_handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Lightning keeps the process group for a next fit; a finished run ends it, so that no rank's exit
             # waits on a peer that already left (a multi-node run that printed its results, then hung).

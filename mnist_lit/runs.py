@@ -10,11 +10,10 @@ where Lightning puts its checkpoints, ``save_dir/name/version/``), or, with no l
 ``logs/mnist/version_N`` used as the Trainer's ``default_root_dir``. Into it go ``config.yaml``
 (``RunConfig``), ``checkpoints/`` (Lightning) and, after ``fit``, ``metrics.json`` (``write_results``).
 
-Every checkpoint also holds the run's resolved config. Given ``--ckpt_path``, the CLI parses that config
-first and the user's arguments over it (``with_run_config``); what they change is applied only where
-``BESIDE_CHECKPOINT`` allows it on purpose, and refused otherwise (``changed_beside_checkpoint``). A resumed
-fit is a new run folder: nothing the interrupted run wrote is touched, and its config.yaml names the
-checkpoint it continues (``ckpt_path``), as does its metrics.json (``resumed_from``).
+Every checkpoint also holds the run's resolved config and the scheduler's job that ran it (``scheduler_job``):
+how it is resumed, by ``--ckpt_path`` or by a requeued job itself, is mnist_lit/resume.py's. A resumed fit is a
+new run folder: nothing the interrupted run wrote is touched, and its config.yaml names the checkpoint it
+continues (``ckpt_path``), as does its metrics.json (``resumed_from``).
 """
 
 from __future__ import annotations
@@ -28,11 +27,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from mnist_lit.checkpoints import DEFAULT_MODEL
 from mnist_lit.denormals import flushed
 
 RUNS_ROOT, RUNS_NAME = "logs", "mnist"  # runs without a logger: logs/mnist/version_N
@@ -46,6 +43,25 @@ def launched_rank() -> bool:
     """True in a process that a launcher started as rank > 0 (torchrun, Lightning's DDP, SLURM's srun):
     rank 0 alone claims the run folder, the others take it from Lightning."""
     return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+
+
+def scheduler_job() -> str | None:
+    """The job a scheduler runs this process in, the same after a requeue or a restart: ``slurm:<cluster>:<job>``
+    (an array task's job is ``<array job>_<task>``, as scontrol names it), else ``torchrun:<run id>`` (torchrun's
+    ``--rdzv-id``, or a fresh one per launch with ``--standalone``; its default ``none`` is any launch's, so on one
+    machine the agent's process, which stays through its restarts, tells launches apart). None outside both, and for
+    a multi-node torchrun with the default id, whose launches cannot be told apart."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        array = env.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array}_{env.get('SLURM_ARRAY_TASK_ID')}" if array else env["SLURM_JOB_ID"]
+        return f"slurm:{env.get('SLURM_CLUSTER_NAME', '')}:{job}"
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun:{run_id}"
+    if run_id and env.get("WORLD_SIZE") == env.get("LOCAL_WORLD_SIZE"):
+        return f"torchrun:{platform.node()}:{os.getppid()}"
+    return None
 
 
 def check_log_folder(save_dir: str) -> None:
@@ -88,6 +104,17 @@ def claim_logger_folders(trainer: L.Trainer) -> None:
             logger._version = claim_run_folder(logger.save_dir, logger.name)
 
 
+def runs_root(config) -> Path:
+    """Where the runs of a parsed config get their ``version_N``: the first TensorBoard or CSV logger's
+    ``save_dir/name``, else ``logs/mnist`` (no logger; for another logger, the folder a restart looks in)."""
+    logger = config.trainer.logger
+    logger = (logger or [None])[0] if isinstance(logger, list) else logger
+    init_args = getattr(logger, "init_args", None)
+    if init_args is not None and init_args.get("save_dir"):
+        return Path(init_args.save_dir, init_args.get("name") or "lightning_logs")
+    return Path(RUNS_ROOT, RUNS_NAME)
+
+
 def run_folder(trainer: L.Trainer) -> Path | None:
     """The run's folder (see the module docstring); None under ``fast_dev_run``, which writes nothing.
     Under DDP every rank must call it (``Trainer.log_dir`` is a collective)."""
@@ -114,6 +141,7 @@ class RunConfig(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["run_config"] = self.dumped  # YAML text: weights-only safe
+        checkpoint["job"] = scheduler_job()  # whose run it is, for a requeued or restarted job (mnist_lit/resume.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs, save_to_log_dir=False)  # Lightning's choice of folder: the logger's root
@@ -192,65 +220,3 @@ def finish_loggers(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()
-
-
-# What a user may change beside --ckpt_path, on purpose (dotted config keys; a trailing '.' covers a group):
-# how long and on what hardware to go on, where to log, how to evaluate. Anything else that differs from the
-# run's own config is refused: a checkpoint is only right with the data and network it was trained with.
-BESIDE_CHECKPOINT = {
-    "all": ("ckpt_path", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.accelerator",
-            "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.precision", "trainer.logger",
-            "trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-            "trainer.log_every_n_steps", "trainer.limit_val_batches", "trainer.limit_test_batches",
-            "trainer.limit_predict_batches", "trainer.num_sanity_val_steps", "trainer.callbacks", "torch_threads",
-            "flush_denormal", "trust_imports", "test_after_fit", "report.", "predictions.", "checkpoint.",
-            "last_checkpoint.", "data.data_dir", "data.download", "data.verify_checksums", "data.eval_batch_size",
-            "data.predict_images", "model.steps_per_training_step", "model.compile", "model.finished_schedule"),
-    "fit": ("model.optimizer.init_args.lr",),  # a new lr on a resume: applied, the schedule scaled to it
-    "validate": ("data.dataset",), "test": ("data.dataset",), "predict": ("data.dataset",),  # evaluate elsewhere
-}
-
-
-def ckpt_path_in(argv: list[str]) -> str | None:
-    """The value of --ckpt_path in a command line, if any."""
-    for i, arg in enumerate(argv):
-        if arg == "--ckpt_path" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--ckpt_path="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def with_run_config(argv: list[str], run_config: str) -> list[str]:
-    """The command line with the run's own config parsed first, right after the subcommand, so that every
-    argument the user gave (flags and --config files alike) comes over it."""
-    return [argv[0], "--config", run_config, *argv[1:]]
-
-
-def flatten(tree, prefix: str = "") -> dict:
-    """Dotted keys of a parsed config, in the short form of the model's: ``model.init_args.net...`` is
-    ``model.net...`` (the command line takes both)."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
-    key = prefix[:-1]
-    return {"model." + key[len("model.init_args."):] if key.startswith("model.init_args.") else key: tree}
-
-
-def changed_beside_checkpoint(run_config: str, config: str, subcommand: str) -> list[str]:
-    """'key (value there, value here)' for every setting the user changed from the run's own config that
-    is not allowed beside a checkpoint. ``config``: the whole parsed command line, dumped."""
-    theirs, ours = flatten(yaml.safe_load(run_config)), flatten(yaml.safe_load(config)[subcommand])
-    theirs.setdefault("model.class_path", DEFAULT_MODEL)  # written before --model took a class: the classifier
-    allowed = (*BESIDE_CHECKPOINT["all"], *BESIDE_CHECKPOINT.get(subcommand, ()))
-    # Keys on one side only are another subcommand's own (test's verbose) or another class's init_args, whose
-    # class_path differs too.
-    changed = sorted(k for k in theirs.keys() & ours.keys() if theirs[k] != ours[k])
-    return [f"{key} ({theirs.get(key)!r} there, {ours.get(key)!r} here)" for key in changed
-            if not any(key == a or (a.endswith(".") and key.startswith(a)) or key.startswith(a + ".") for a in allowed)]
-
-
-def checkpoint_conflict_message(path: str, changed: list[str]) -> str:
-    return (f"{path} was trained with another config than the one given beside it: {'; '.join(changed)}. The "
-            "checkpoint carries its run's own config, so --ckpt_path alone is enough: drop those arguments (and "
-            "any --config that sets them). To train something else from scratch, leave out --ckpt_path. What may be "
-            "given beside a checkpoint: README, 'Resume and evaluate'.")

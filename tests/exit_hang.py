@@ -1,5 +1,6 @@
-"""Callbacks for tests/test_distributed.py: a process that hangs at exit, as a stuck shutdown would, and one
-rank that fails at exit after its results, as a teardown error would."""
+"""Callbacks for tests/test_distributed.py and tests/test_requeue.py: a process that hangs at exit, as a stuck
+shutdown would; one rank that fails at exit after its results, as a teardown error would; a torchrun worker that
+dies once, as a fault would."""
 
 import atexit
 import os
@@ -32,3 +33,19 @@ class FailOnRank(Callback):
 def fail(rank: int) -> None:
     print(f"FailOnRank: rank {rank} fails on purpose", file=sys.stderr, flush=True)
     os._exit(3)
+
+
+class FailOnceAtEpoch(Callback):
+    """The first attempt of a torchrun worker (``TORCHELASTIC_RESTART_COUNT`` 0) dies at the start of epoch
+    ``epoch``, as a worker lost to a fault would; restarted, or outside torchrun, it does nothing.
+
+    Args:
+        epoch: the epoch at whose start the first attempt dies.
+    """
+
+    def __init__(self, epoch: int = 2):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os._exit(1)

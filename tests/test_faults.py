@@ -1,6 +1,7 @@
 """Nothing lost: bad checkpoints and folders get one paragraph, interrupted and killed runs resume exactly,
 a failed checkpoint write keeps the previous one, untrusted checkpoints run no code."""
 
+import json
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import fails_with, fit_args, only_run, read_events, scalar, write_mnist
 from mnist_lit.checkpoints import CheckpointError, load_checkpoint
@@ -157,11 +159,12 @@ def progressed_past(checkpoint: Path, step: int) -> bool:
         return False
 
 
-def interrupt(data: Path, logs: Path, sig: signal.Signals, *extra: str) -> Path:
-    """Start a run, send sig at a random moment of its second epoch, return its last.ckpt."""
+def interrupt(data: Path, logs: Path, sig: signal.Signals, *extra: str, env: dict | None = None) -> tuple[Path, str]:
+    """Start a run, send sig at a random moment of its second epoch; return its last.ckpt and what it said on
+    stderr. It must end with the shell's code for that signal, never 0 (128 + the signal's number, or killed)."""
     args = long_run_args(data, logs, "--last_checkpoint.every_n_train_steps", "32", *extra)
     stderr = logs.parent / "stderr.txt"
-    run = fork.start(args, logs.parent / "stdout.txt", stderr)  # python -m mnist_lit ARGS, its imports done once
+    run = fork.start(args, logs.parent / "stdout.txt", stderr, env)  # python -m mnist_lit ARGS, its imports done once
     checkpoints = logs / "mnist" / "version_0" / "checkpoints"
     deadline = time.monotonic() + 120
     while not progressed_past(checkpoints / "last.ckpt", 640):  # a periodic checkpoint inside the second epoch
@@ -170,38 +173,88 @@ def interrupt(data: Path, logs: Path, sig: signal.Signals, *extra: str) -> Path:
     time.sleep(random.uniform(0, 0.2))  # the second epoch has >= 600 steps left: well over 0.2 s
     os.kill(run.pid, sig)
     run.join(60)
-    assert run.exitcode is not None and "Traceback" not in stderr.read_text()
-    return checkpoints / "last.ckpt"
+    said = stderr.read_text()
+    assert run.exitcode == (-sig if sig == signal.SIGKILL else 128 + sig), said[-3000:]
+    assert "Traceback" not in said
+    return checkpoints / "last.ckpt", said
 
 
-def assert_resume_equals(once: dict, data: Path, last: Path, logs: Path) -> None:
-    main([*long_run_args(data, logs), "--ckpt_path", str(last)])
-    resumed = torch.load(only_run(logs) / "checkpoints" / "last.ckpt", weights_only=True)
+def assert_resume_equals(once: dict, data: Path, last: Path, logs: Path, args: list[str] | None = None) -> Path:
+    """Resume from last (by ``args``, else the run's own command line and --ckpt_path): the network and its
+    best-so-far equal the uninterrupted run's, bit for bit. Returns the resumed run's folder."""
+    main(args or [*long_run_args(data, logs), "--ckpt_path", str(last)])
+    run = max(logs.glob("*/version_*"), key=lambda p: int(p.name[8:]))  # the newest: the interrupted run's is kept
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == once["global_step"] == 2 * 640
     for name, tensor in once["state_dict"].items():  # bit-identical network and best-so-far
         if name.startswith(("net.", "val_acc_best")):
             assert torch.equal(tensor, resumed["state_dict"][name]), name
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_interrupt_mid_epoch_saves_last_checkpoint_and_resume_equals_an_uninterrupted_run(
+def test_interrupt_mid_epoch_saves_last_checkpoint_and_its_printed_resume_equals_an_uninterrupted_run(
         long_data, tmp_path: Path, sig: signal.Signals):
     data, once = long_data
-    last = interrupt(data, tmp_path / "logs", sig)
+    last, said = interrupt(data, tmp_path / "logs", sig)
     step = torch.load(last, weights_only=True)["global_step"]
     assert 640 < step < 1280  # inside the second epoch (at the signal, or the periodic one just before it)
-    assert not (last.parent.parent / "metrics.json").exists()  # the run did not finish
-    assert_resume_equals(once, data, last, tmp_path / "resumed")
+    assert not (last.parent.parent / "metrics.json").exists()  # the run did not finish, and no test pass ran
+    paragraph = said.strip().splitlines()[-1]  # one paragraph: where it stopped, what holds it, how to go on
+    assert paragraph.startswith(f"mnist_lit: {sig.name} stopped the fit at step {step} (epoch 1)")
+    assert paragraph.endswith(f"Its last checkpoint, {last}, holds step {step}. Resume it with: python -m "
+                              f"mnist_lit fit --ckpt_path {last}")
+    printed = paragraph.split("Resume it with: python -m mnist_lit ")[1].split()
+    run = assert_resume_equals(once, data, last, tmp_path / "logs", printed)  # the command, as printed
+    assert json.loads((run / "metrics.json").read_text())["resumed_from"] == str(last)
 
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(long_data, tmp_path: Path):
     data, once = long_data
-    last = interrupt(data, tmp_path / "logs", signal.SIGKILL)
+    last, _ = interrupt(data, tmp_path / "logs", signal.SIGKILL)
     step = torch.load(last, weights_only=True)["global_step"]
     assert 640 < step < 1280 and step % 32 == 0  # a periodic checkpoint from the middle of the second epoch
     assert_resume_equals(once, data, last, tmp_path / "resumed")
+
+
+def stand_in_scontrol(folder: Path) -> Path:
+    """An ``scontrol`` on PATH that records its arguments, one call per line, in folder/scontrol.txt."""
+    script = folder / "bin" / "scontrol"
+    script.parent.mkdir(parents=True)
+    script.write_text(f'#!/bin/sh\necho "$@" >> {folder / "scontrol.txt"}\n')
+    script.chmod(0o755)
+    return folder / "scontrol.txt"
+
+
+def slurm_job(folder: Path, job: str, **more: str) -> dict[str, str]:
+    """What SLURM gives the one task of job ``job``, and the stand-in scontrol first on PATH."""
+    stand_in_scontrol(folder)
+    return {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mnist", "SLURM_JOB_ID": job, "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_NODELIST": "127.0.0.1",
+            "PATH": f"{folder / 'bin'}{os.pathsep}{os.environ['PATH']}", **more}
+
+
+@pytest.mark.slow
+def test_a_preempted_slurm_job_requeues_and_its_restart_equals_an_uninterrupted_run(
+        long_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data, once = long_data
+    job = slurm_job(tmp_path, "777")
+    last, said = interrupt(data, tmp_path / "logs", signal.SIGUSR1, env={**os.environ, **job})  # sbatch --signal
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 640 < step < 1280  # written at the step boundary after the signal, not in the middle of a step
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 777\n"
+    assert said.strip().splitlines()[-1].endswith(f"Its last checkpoint, {last}, holds step {step}. SLURM job 777 "
+                                                  "was requeued and resumes this run by itself when it starts again.")
+    assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))  # Lightning's own, unchecked and mid-step, is not written
+
+    for name, value in {**job, "SLURM_RESTART_COUNT": "1"}.items():  # the requeued job: the same command again
+        monkeypatch.setenv(name, value)
+    run = assert_resume_equals(once, data, last, tmp_path / "logs", long_run_args(data, tmp_path / "logs"))
+    assert run.name == "version_1" and json.loads((run / "metrics.json").read_text())["resumed_from"] == str(last)
+    assert yaml.safe_load((run / "config.yaml").read_text())["ckpt_path"] == str(last)
+    assert scalar(read_events(run), "val/acc") and read_events(run).Scalars("train/loss")[0].step > 640
 
 
 @pytest.mark.slow

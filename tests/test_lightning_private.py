@@ -4,6 +4,7 @@ upgrade that moves one fails here with the name of the fix instead of giving sil
 from pathlib import Path
 
 import lightning as L
+import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -104,3 +105,38 @@ def test_the_cli_dumps_its_config_once_validated_as_lightning_would(tiny_mnist: 
         assert ours == cli.config_dump and ours["model"]["class_path"]
         (run_config,) = [c for c in cli.trainer.callbacks if isinstance(c, RunConfig)]
         assert run_config.dumped == run_config.parser.dump(run_config.config, skip_none=False)
+
+
+def test_lightnings_slurm_requeue_and_hpc_adoption_are_turned_off_where_resume_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # resume.leave_hpc_checkpoints_alone turns off SLURMEnvironment.auto_requeue (read by the signal connector) and
+    # Lightning's adoption of any hpc_ckpt_N.ckpt in default_root_dir under SLURM (_CheckpointConnector's
+    # _hpc_resume_path, through trainer._accelerator_connector and trainer._checkpoint_connector). Public
+    # replacement: a Trainer flag that turns the adoption off.
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from mnist_lit.resume import leave_hpc_checkpoints_alone
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mnist", "SLURM_JOB_ID": "777", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes(b"")
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(logger=False, default_root_dir=str(tmp_path), enable_checkpointing=False)
+
+    stranger = str(tmp_path / "hpc_ckpt_3.ckpt")
+    as_lightning = trainer()
+    environment = as_lightning._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is True, (
+        "Lightning's SLURM environment is no longer at trainer._accelerator_connector.cluster_environment with "
+        "auto_requeue: update resume.leave_hpc_checkpoints_alone, or Lightning's mid-step requeue comes back")
+    assert as_lightning._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, None, True, True) == stranger, (
+        "Lightning no longer adopts hpc_ckpt_N.ckpt by itself: resume.leave_hpc_checkpoints_alone may go")
+    ours = trainer()
+    assert leave_hpc_checkpoints_alone(ours).startswith(f"mnist_lit: left {stranger} alone")
+    assert ours._accelerator_connector.cluster_environment.auto_requeue is False
+    assert ours._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, None, True, True) is None, (
+        "_CheckpointConnector._hpc_resume_path moved: update resume._NoHPCAdoption, or a job adopts a stranger's "
+        "checkpoint")

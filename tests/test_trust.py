@@ -4,13 +4,14 @@ module's checkpoint needs no flag; --trust_imports accepts the rest."""
 
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import fails_with, fit_args, only_run, write_mnist
+from conftest import fails_with, fit_args, only_run, run_main, write_mnist
 from mnist_lit.cli import main
 
 FOREIGN = "foreign_pkg"  # a module that is importable, but neither the user's own nor named by them
@@ -171,3 +172,40 @@ def test_a_checkpoint_cannot_vouch_for_its_own_teacher(checkpoint, foreign, tmp_
     resumed = with_config(checkpoint, tmp_path / "student.ckpt", student)
     message = fails_with(["fit", "--ckpt_path", str(resumed), "--trainer.max_epochs", "2"])
     assert f"{teacher} names code" in message and f"{FOREIGN}.Net" in message and not foreign.exists()
+
+
+# -- a stored config that would hang or overflow whatever walks or parses it -----------------------------------------
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(  # 3.9e9 YAML nodes once *j expands
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefghi", "bcdefghij", strict=True))
+HOSTILE = {
+    "an alias that contains itself": ("model: &m {init_args: {net: *m}}\n", "is nested without end"),
+    "a billion laughs": (LAUGHS + "model: {class_path: mnist_lit.model.MNISTClassifier, init_args: {x: *j}}\n",
+                         "expands to 8,335,593,974 entries"),
+    "nesting 100,000 deep": ("[" * 100_000 + "]" * 100_000, "is nested without end"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_stored_config_is_refused_within_seconds(checkpoint, tmp_path, case):
+    text, reason = HOSTILE[case]
+    contents = torch.load(checkpoint, weights_only=True)
+    contents["run_config"] = text
+    torch.save(contents, tmp_path / "hostile.ckpt")
+    started = time.monotonic()
+    done = run_main(main, ["test", "--ckpt_path", str(tmp_path / "hostile.ckpt")], timeout=30)  # fails past 30 s
+    assert time.monotonic() - started < 10  # on the landed main: a RecursionError traceback, or a hang
+    message = done.stderr.strip()
+    assert done.returncode == 1 and "\n" not in message and "Traceback" not in message
+    assert f"Refused to use {tmp_path / 'hostile.ckpt'}: its stored run config {reason}" in message
+
+
+def test_pickled_hyperparameters_that_contain_themselves_are_refused(checkpoint, tmp_path):
+    contents = torch.load(checkpoint, weights_only=True)
+    del contents["run_config"]  # a checkpoint saved from Python: Lightning rebuilds it from its hyperparameters
+    loop: list = ["mnist_lit.model.MLP"]
+    loop.append(loop)
+    contents["hyper_parameters"]["net"] = loop
+    torch.save(contents, tmp_path / "loop.ckpt")
+    message = fails_with(["test", "--ckpt_path", str(tmp_path / "loop.ckpt")])
+    assert "its stored hyper_parameters is nested without end (it contains itself)" in message
