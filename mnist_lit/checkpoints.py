@@ -183,6 +183,20 @@ def check_fits(model: nn.Module, path: str) -> None:
                               "config.yaml: --config <run>/config.yaml), or pass a checkpoint of this network.")
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (``--checkpoint.*``) that keeps the best so far across a resume. A resumed fit
+    writes a new run folder, and Lightning reloads only the best checkpoint's path when the folder changed, not its
+    score: the first validation after the resume became the new best whatever its score, and fit's test pass
+    tested it. Here the earlier best (its score, its file in the earlier run's folder) stands until a better one
+    comes; Lightning never removes a file outside this run's folder, so the earlier run stays as it was."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        best = state_dict.get("best_model_path")
+        if best and Path(best).is_file():
+            state_dict = {**state_dict, "dirpath": self.dirpath}  # Lightning's own restore, as if in the same folder
+        super().load_state_dict(state_dict)
+
+
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` after every epoch, and also when the run is interrupted (SIGTERM, e.g. a scheduler's
     pre-emption, or Ctrl-C), mid-epoch included; not on errors, whose state may be broken (NaN)."""

@@ -28,7 +28,6 @@ import torch
 import yaml
 from jsonargparse.typing import PositiveInt
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -37,6 +36,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from mnist_lit.checkpoints import (
     DEFAULT_MODEL,
     SPECIAL_CKPT_PATHS,
+    BestCheckpoint,
     CheckpointError,
     LastCheckpoint,
     check_fits,
@@ -108,7 +108,7 @@ class MNISTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Two checkpoints in <run>/checkpoints/: the best by val/acc, and last.ckpt after every epoch
         # (Lightning 2.6 writes save_last only when the monitored metric improved, so it gets its own).
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")  # also saved on SIGTERM / Ctrl-C
         parser.set_defaults({
             "checkpoint.monitor": "val/acc", "checkpoint.mode": "max",
@@ -227,6 +227,10 @@ class MNISTCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.before_run()
+        if isinstance(self.datamodule, MNISTDataModule):
+            # It restores its loader's place in the epoch (batches.py): a mid-epoch resume is exact (test_faults.py),
+            # whatever Lightning, which looks only for a state_dict on the loader, says.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         # Ctrl-C raises KeyboardInterrupt wherever Python happens to be, e.g. between taking a batch and
         # stepping on it. Turned into SIGTERM, it stops at Lightning's next safe point instead, so the
         # last.ckpt written on the way out resumes exactly. So does SLURM's warning before a preemption or the
@@ -295,22 +299,36 @@ class MNISTCLI(LightningCLI):
                                  "Convert those files to PNG or JPEG, or leave them out.")
 
 
+class NoAdvertisements(logging.Filter):
+    """Lightning's tips for its cloud services ("💡 Tip: For seamless cloud logging..."), printed at every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def main(args: list[str] | None = None) -> MNISTCLI:
     """Run the CLI; a problem the user can fix ends it with its one-paragraph message and exit code 1
     (JSONARGPARSE_DEBUG=1 shows the traceback)."""
     # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
     warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
+    # main(args) takes the place of sys.argv on purpose (a checkpoint's config before the user's arguments, a search's
+    # trials): Lightning's warning against giving both, with the whole config in it, is not for this CLI.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, NoAdvertisements) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(NoAdvertisements())
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGUSR1)}  # before_fit's own
     parse_log = logging.getLogger("mnist_lit.parse")  # what jsonargparse says while it parses: heard, not shown
     parse_log.setLevel(logging.DEBUG)
     parse_log.propagate = False
     parse_log.handlers = [DroppedArguments()]  # this call's own
     try:
-        return MNISTCLI(L.LightningModule, MNISTDataModule, subclass_mode_model=True, args=args, parser_class=Parser,
-                        trainer_defaults=TRAINER_DEFAULTS,
-                        auto_configure_optimizers=False,  # --model.optimizer / --model.lr_scheduler instead
-                        save_config_callback=RunConfig,
-                        parser_kwargs={"prog": "python -m mnist_lit", "logger": parse_log})
+        with warnings.catch_warnings():  # what a run silences (before_fit) stays its own
+            return MNISTCLI(L.LightningModule, MNISTDataModule, subclass_mode_model=True, args=args,
+                            parser_class=Parser, trainer_defaults=TRAINER_DEFAULTS,
+                            auto_configure_optimizers=False,  # --model.optimizer / --model.lr_scheduler instead
+                            save_config_callback=RunConfig,
+                            parser_kwargs={"prog": "python -m mnist_lit", "logger": parse_log, "allow_abbrev": False})
     except (MNISTDataError, CheckpointError, UntrustedImports, LogFolderError, TrainingDiverged, OptimizationError,
             MisconfigurationException) as err:
         # MisconfigurationException: Lightning refusing a combination of its own flags, in a sentence naming them

@@ -8,7 +8,9 @@ or any of its init_args, whose errors nest screens deep in subclass mode), and t
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -22,6 +24,55 @@ from mnist_lit.runs import launched_rank
 # The scaffolding of jsonargparse's nested errors, not reasons.
 STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Parser key",
              "- Problem with given class_path", "- Expected a <class 'NoneType'>", "- Does not validate")
+
+
+def arguments_of(class_path: str) -> list[str]:
+    """The ``__init__`` arguments of a class named by a class path (already imported by the parse that failed)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    return [p for p, v in parameters.items() if p != "params" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+
+
+def did_you_mean(given: str, known: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(given, known, n=3, cutoff=0.6)
+    return f" Did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+
+
+def not_an_argument(key: str, option: str, cls: str) -> str:
+    """The paragraph for ``--<key>.<option>`` that ``cls`` does not take, its closest arguments and the help command
+    that lists them all (for --model itself, ``--model.help``; below it, ``--<key>.help``)."""
+    flag = f"--{key}.{option}" if key == "model" else f"--{key}.init_args.{option}"
+    prefix = f"--{key}." if key == "model" else f"--{key}.init_args."
+    return (f"{flag} is not an argument of {cls}.{did_you_mean(option, arguments_of(cls), prefix)} Check its "
+            f"spelling, or the class; python -m mnist_lit fit --{key}.help {cls} lists the arguments it takes.")
+
+
+def class_argument_error(message: str) -> str | None:
+    """jsonargparse's error about an argument that a class chosen by class_path below the model (a logger, a
+    callback, a data module) does not take, as one paragraph; None for any other error."""
+    key = re.match(r'Parser key "([^"]+)":', message)
+    problem = re.search(r"Problem with given class_path '([^']+)':\s+Option '([^']+)' is not accepted", message)
+    return not_an_argument(key[1], problem[2], problem[1]) if key and problem else None
+
+
+def unknown_flags(message: str, flags: list[str], prog: str) -> str | None:
+    """argparse's "unrecognized arguments" as one paragraph: each flag, the known flags closest to it, and the help
+    command; an abbreviation (refused: a flag is written in full) gets the flag it abbreviates."""
+    found = re.match(r"unrecognized arguments: (.*)", message, flags=re.S)
+    given = [arg.split("=")[0] for arg in found[1].split() if arg.startswith("--")] if found else []
+    if not given:
+        return None
+    parts = []
+    for flag in given:
+        whole = [known for known in flags if known.startswith(flag)]
+        if len(whole) == 1:
+            parts.append(f"{flag} is short for {whole[0]}, and flags are taken only in full: write {whole[0]}.")
+        else:
+            parts.append(f"{flag} is not an option of {prog}.{did_you_mean(flag, flags)}")
+    return f"{' '.join(parts)} {prog} --help lists every option."
 
 
 def model_error(message: str) -> str | None:
@@ -41,8 +92,7 @@ def model_error(message: str) -> str | None:
                 f"{detail.split(': ', 1)[-1]}. Give them with --model.<name> VALUE (or under model.init_args in "
                 f"YAML); python -m mnist_lit fit --model.help {cls} lists them.")
     if option := re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected", detail):
-        return (f"--model.{option[1] or option[2]} is not an argument of {cls}: check its spelling, or the class "
-                f"(--model); python -m mnist_lit fit --model.help {cls} lists the arguments it takes.")
+        return not_an_argument("model", option[1] or option[2], cls)
     if detail:
         return (f"--model {cls} cannot be imported ({detail}): give the import path of a LightningModule class, e.g. "
                 "mnist_lit.model.MNISTClassifier or a subclass of it in a module importable from where you run (the "
@@ -57,8 +107,9 @@ def model_error(message: str) -> str | None:
     reasons = [line.strip().removeprefix("- ") for line in message.splitlines()
                if line.strip() and not line.strip().startswith(STRUCTURE) and "Parser key" not in line]
     if (option := re.search(r"Option '([^']+)' is not accepted", " ".join(reasons))) and classes:
-        return (f"--{path}.init_args.{option[1]} is not an argument of {classes[-1]}: check its spelling; python -m "
-                f"mnist_lit fit --{path}.help {classes[-1]} lists the arguments it takes.")
+        # The innermost class: a callable's (optimizer, schedule) shows only in the value it was given.
+        inner = re.findall(r"Got value: Namespace\(class_path='([^']+)'", message)
+        return not_an_argument(path, option[1], inner[-1] if inner else classes[-1])
     return f"--{path} cannot be {given.split('. Got value: ')[0]!r} (in {cls}): {'; '.join(reasons)}."
 
 
@@ -94,10 +145,15 @@ class DroppedArguments(logging.Handler):
 
 
 class Parser(LightningArgumentParser):
-    """LightningCLI's parser, with a one-paragraph refusal of a ``--model`` class that cannot be used."""
+    """LightningCLI's parser, with a one-paragraph refusal of a ``--model`` class that cannot be used, and of a flag
+    it does not know (the closest known ones, no screen of usage)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        paragraph = model_error(message)
+        if not self.exit_on_error:  # a parser inside a class's validation: its outer parser tells the whole story
+            super().error(message, ex)
+        flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        prog = self.prog.replace(" [options]", "")
+        paragraph = model_error(message) or class_argument_error(message) or unknown_flags(message, flags, prog)
         if paragraph is None or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)
         sys.stderr.write(f"error: {paragraph}\n")

@@ -4,6 +4,7 @@ import gc
 import json
 import math
 import multiprocessing
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,40 @@ def test_bad_option_gets_jsonargparse_message(args: list[str], message: str, cap
     if message.startswith("error: --model"):  # the model's, nested screens deep in subclass mode: one paragraph
         assert "usage:" not in err and [line for line in err.splitlines() if line.startswith("error:")] == [
             err.strip().splitlines()[-1]], err
+
+
+HINTS = {  # a mistyped argument -> the class (or flag) the paragraph must name, and the suggestion it must make
+    "optimizer": (["--model.optimizer.init_args.lrr", "0.1"], "torch.optim.SGD", "--model.optimizer.init_args.lr?"),
+    "schedule": (["--model.lr_scheduler.init_args.eta_mn", "0"], "torch.optim.lr_scheduler.CosineAnnealingLR",
+                 "--model.lr_scheduler.init_args.eta_min?"),
+    "network": (["--model.net.init_args.hiden1", "3"], "mnist_lit.model.MLP", "--model.net.init_args.hidden1 or"),
+    "module": (["--model.label_smoothin", "0.1"], "mnist_lit.model.MNISTClassifier", "--model.label_smoothing?"),
+    "logger": (["--trainer.logger.init_args.save_dirr", "x"], "lightning.pytorch.loggers.TensorBoardLogger",
+               "--trainer.logger.init_args.save_dir or"),
+    "callback": (["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitr", "x"],
+                 "lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.init_args.monitor?"),
+    "flag": (["--trainer.max_epocs", "2"], "--trainer.max_epocs is not an option of python -m mnist_lit fit.",
+             "Did you mean --trainer.max_epochs or"),
+    "data flag": (["--data.batch_sise", "2"], "--data.batch_sise is not an option", "Did you mean --data.batch_size"),
+    "abbreviation": (["--trainer.max_epoch", "2"], "--trainer.max_epoch is short for --trainer.max_epochs",
+                     "write --trainer.max_epochs."),
+}
+
+
+@pytest.mark.parametrize("case", HINTS)
+def test_a_mistyped_argument_names_its_class_the_closest_names_and_a_help_command_that_works(
+        case: str, capsys: pytest.CaptureFixture):
+    args, named, suggested = HINTS[case]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / "configs" / "default.yaml"), *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "usage:" not in err and len(err.splitlines()) == 1, err  # one paragraph
+    assert err.startswith("error: ") and named in err and suggested in err, err
+    help_command = re.search(r"(python -m mnist_lit fit --\S*help)( \S+)? lists", err)
+    assert help_command, err
+    with pytest.raises(SystemExit) as exit_:  # the suggested command, run as printed
+        main(help_command[0].removesuffix(" lists").split()[3:])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage:")
 
 
 def test_mistyped_key_in_a_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -24,6 +24,15 @@ class StopAfterFirstEpoch(L.Callback):
 STOP_AFTER_FIRST_EPOCH = ("--trainer.callbacks+=test_resume.StopAfterFirstEpoch",)
 
 
+class ForgetsAfterFirstEpoch(L.Callback):
+    """From epoch 1 on, the network is zeroed before each validation: every later epoch is far worse than epoch 0."""
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch >= 1 and not trainer.sanity_checking:
+            for parameter in pl_module.net.parameters():
+                torch.nn.init.zeros_(parameter)
+
+
 def checkpoint(run: Path, name: str = "last.ckpt") -> dict:
     return torch.load(run / "checkpoints" / name, weights_only=True)
 
@@ -76,6 +85,19 @@ def test_a_new_lr_on_a_resume_is_applied(tiny_mnist: Path, tmp_path: Path):
     lrs = scalar(read_events(only_run(tmp_path / "resumed")), "train/lr")
     cosine = lambda t: (1 + math.cos(math.pi * t / 64)) / 2  # noqa: E731
     assert lrs == pytest.approx([0.01 * cosine(t) for t in range(16, 64)], rel=1e-5)  # the same curve, a tenth
+
+
+def test_a_resumed_fit_keeps_the_best_checkpoint_so_far_and_tests_it(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "3", *STOP_AFTER_FIRST_EPOCH,
+                  "--trainer.callbacks+=test_resume.ForgetsAfterFirstEpoch"))
+    first = only_run(tmp_path / "logs")
+    (best,) = (first / "checkpoints").glob("best-*.ckpt")  # epoch 0's: the run's best, whatever comes after
+    main(alone("fit", first / "checkpoints" / "last.ckpt", tmp_path / "logs"))  # epochs 1 and 2: chance level
+    resumed = max((tmp_path / "logs" / "mnist").iterdir())
+    record = json.loads((resumed / "metrics.json").read_text())
+    assert record["best_checkpoint"] == str(best) and best.is_file()  # kept in its run's folder, not replaced
+    assert not list((resumed / "checkpoints").glob("best-*.ckpt"))  # no worse epoch was saved as the best
+    assert record["metrics"]["test/acc"] > 0.8 > max(scalar(read_events(resumed), "val/acc"))  # best tested
 
 
 @pytest.mark.slow
