@@ -201,6 +201,10 @@ class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` after every epoch, and also when the run is interrupted (SIGTERM, e.g. a scheduler's
     pre-emption, or Ctrl-C), mid-epoch included; not on errors, whose state may be broken (NaN)."""
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:  # another run's folder: nothing to carry over
+            super().load_state_dict(state_dict)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
         if interrupted and self.dirpath and not trainer.sanity_checking:

@@ -70,11 +70,14 @@ from mnist_lit.runs import (
     RunConfig,
     claim_logger_folders,
     claim_run_folder,
+    evaluation_folder,
     finish_loggers,
     launched_rank,
+    release_unused,
     run_folder,
     runs_root,
     scheduler_job,
+    write_evaluation,
     write_results,
 )
 from mnist_lit.trust import TRUST_OPTION, UntrustedImports
@@ -92,10 +95,15 @@ class MNISTCLI(LightningCLI):
         argv = sys.argv[1:] if argv is None else argv
         self.asked = argv[0] if isinstance(argv, list) and argv and argv[0] in LightningCLI.subcommands() else None
         self.stop_signal = signal.SIGTERM  # what stops a run at Lightning's next safe point (before_fit)
+        self.claimed: list[Path] = []  # the run folders this process claimed
         try:
             super().__init__(*args, **kwargs)
-        except SIGTERMException:  # Lightning's: a SystemExit with code 0, as if the run had finished
-            trainer = getattr(self, "trainer", None)
+        except BaseException as failure:
+            trainer, clock = getattr(self, "trainer", None), getattr(self, "clock", None)
+            release_unused(self.claimed, kept=bool(trainer and clock and clock.stepped(trainer)))
+            if not isinstance(failure, SIGTERMException):
+                raise
+            # Lightning's SIGTERMException is a SystemExit with code 0, as if the run had finished.
             asked_requeue = self.stop_signal == signal.SIGUSR1 and (trainer is None or trainer.is_global_zero)
             raise stopped(self.subcommand, trainer, self.stop_signal, requeue() if asked_requeue else None) from None
 
@@ -214,7 +222,7 @@ class MNISTCLI(LightningCLI):
         notice = leave_hpc_checkpoints_alone(self.trainer)
         if notice:
             rank_zero_info(notice)
-        claim_logger_folders(self.trainer)
+        self.claimed += claim_logger_folders(self.trainer)
 
     before_validate = before_test = before_run
 
@@ -254,6 +262,15 @@ class MNISTCLI(LightningCLI):
             # No logger: the run still gets its own folder (config, checkpoints, metrics.json), not the cwd.
             version = claim_run_folder(RUNS_ROOT, RUNS_NAME)
             trainer.default_root_dir = str(Path(RUNS_ROOT, RUNS_NAME, f"version_{version}"))
+            self.claimed.append(Path(trainer.default_root_dir))
+        logger = trainer.logger
+        init_args = getattr(logger, "init_args", None) if not isinstance(logger, (bool, list)) else None
+        if init_args is not None and str(logger.class_path).endswith(("TensorBoardLogger", "CSVLogger")):
+            # validate, test or predict of a run's checkpoint: beside that run, not among the training runs
+            where = evaluation_folder(self.subcommand, config.get("ckpt_path"),
+                                      str(Path(init_args.save_dir or "", init_args.get("name") or "")), self.run_config)
+            if where:
+                init_args.save_dir, init_args.name = where
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -285,11 +302,22 @@ class MNISTCLI(LightningCLI):
             print(f"\nResults: {json.dumps(results)}\nBest checkpoint: {best or None}\nRun folder: {folder}")
 
     def after_validate(self) -> None:
-        finish_loggers(self.trainer)
+        """metrics.json beside the events: the checkpoint evaluated and what it scored."""
+        trainer, ckpt_path = self.trainer, self.config[self.subcommand].get("ckpt_path")
+        folder = run_folder(trainer)
+        stage = "val/" if self.subcommand == "validate" else "test/"
+        results = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith(stage)}
+        if trainer.is_global_zero:
+            write_evaluation(folder, self.subcommand, ckpt_path, {"metrics": results})
+            print(f"Checkpoint: {ckpt_path}\nRun folder: {folder} (metrics.json)")  # the results: Lightning's table
+        finish_loggers(trainer)
 
     after_test = after_validate
 
     def after_predict(self) -> None:
+        if self.trainer.is_global_zero:
+            write_evaluation(run_folder(self.trainer), "predict", self.config.predict.get("ckpt_path"),
+                             {"predicted": len(self.datamodule.predict_names or [])})
         finish_loggers(self.trainer)
         skipped = self.datamodule.unreadable
         if skipped:  # the readable ones were predicted and written; the exit code still says not all were
@@ -314,6 +342,8 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     # main(args) takes the place of sys.argv on purpose (a checkpoint's config before the user's arguments, a search's
     # trials): Lightning's warning against giving both, with the whole config in it, is not for this CLI.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+    # torch's deprecation of a name that Lightning's own code still uses: nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, NoAdvertisements) for f in rank_zero_log.filters):
         rank_zero_log.addFilter(NoAdvertisements())

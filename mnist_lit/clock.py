@@ -39,6 +39,7 @@ class RunClock(L.Callback):
         self.spent: dict[str, float] = defaultdict(float)
         self.since: dict[str, float] = {}
         self.curve: list[tuple[float, float]] = []  # (seconds since launch, val/acc) after each epoch's validation
+        self.first_step: int | None = None  # the global step training started from in this process (a resume's)
 
     def start(self, part: str) -> None:
         self.since[part] = time.time()
@@ -50,6 +51,13 @@ class RunClock(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.spent["start_up"] = time.time() - self.launched
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_step = trainer.global_step
+
+    def stepped(self, trainer) -> bool:
+        """Whether this process took a training step (the run folder then holds something worth keeping)."""
+        return self.first_step is not None and trainer.global_step > self.first_step
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.start("train")

@@ -22,11 +22,13 @@ import functools
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
@@ -91,17 +93,28 @@ def claim_run_folder(save_dir: str, name: str) -> int:
             version += 1
 
 
-def claim_logger_folders(trainer: L.Trainer) -> None:
-    """Give every TensorBoard and CSV logger without a fixed version a freshly claimed ``version_N``.
+def claim_logger_folders(trainer: L.Trainer) -> list[Path]:
+    """Give every TensorBoard and CSV logger without a fixed version a freshly claimed ``version_N``; returns them.
 
     Set on the logger, not in the config, so that the saved config.yaml stays reusable for a new run.
     Neither logger has a public setter for its version (tests/test_lightning_private.py watches ``_version``).
     """
     if launched_rank():
-        return
+        return []
+    claimed = []
     for logger in trainer.loggers:
         if isinstance(logger, (TensorBoardLogger, CSVLogger)) and logger._version is None:
             logger._version = claim_run_folder(logger.save_dir, logger.name)
+            claimed.append(Path(logger.save_dir, logger.name, f"version_{logger._version}"))
+    return claimed
+
+
+def release_unused(folders: list[Path], kept: bool) -> None:
+    """Remove the run folders this process claimed for a run that failed or stopped before anything worth keeping
+    (``kept`` False: no training step, no checkpoint, no results): a failed start leaves no empty version_N."""
+    for folder in folders:
+        if not kept and not any(folder.rglob("*.ckpt")) and not (folder / "metrics.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def runs_root(config) -> Path:
@@ -185,6 +198,32 @@ def environment() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
             "torchvision": torchvision.__version__, "torchmetrics": torchmetrics.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+
+
+def evaluation_folder(subcommand: str, ckpt_path: str | None, logger_dir: str | None, run_config: str | None):
+    """Where validate, test or predict of a run's checkpoint writes: ``<run>/<subcommand>/version_K`` beside the
+    run it evaluates (``(save_dir, name)``), when the checkpoint sits in a run folder and the logger's folder is the
+    run's own (``logger_dir``: ``save_dir/name`` as configured, the same as the run config's); None otherwise."""
+    if subcommand == "fit" or not ckpt_path or not run_config or not logger_dir:
+        return None
+    checkpoints = Path(ckpt_path).parent
+    if checkpoints.name != "checkpoints" or not (checkpoints.parent / "config.yaml").is_file():
+        return None
+    logger = (yaml.safe_load(run_config).get("trainer") or {}).get("logger")
+    init_args = logger.get("init_args") if isinstance(logger, dict) else None
+    if not init_args or logger_dir != str(Path(init_args.get("save_dir", ""), init_args.get("name") or "")):
+        return None  # the user chose where this evaluation goes
+    return str(checkpoints.parent), subcommand
+
+
+def write_evaluation(folder: Path | None, subcommand: str, ckpt_path: str | None, results: dict) -> None:
+    """Rank 0: ``metrics.json`` of validate, test or predict: what was evaluated, and its results."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"subcommand": subcommand, "checkpoint": ckpt_path, **results, "seed": torch.initial_seed(),
+              "environment": environment()}
+    (folder / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def write_results(trainer: L.Trainer, folder: Path | None, results: dict[str, float], best_checkpoint: str,

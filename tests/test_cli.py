@@ -15,7 +15,7 @@ import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import REPO, fit_args, launch, only_run, read_events, scalar
+from conftest import REPO, fails_with, fit_args, launch, only_run, read_events, scalar
 from mnist_lit import engine
 from mnist_lit.cli import main
 from mnist_lit.search import fork
@@ -199,6 +199,11 @@ def test_a_mistyped_argument_names_its_class_the_closest_names_and_a_help_comman
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage:")
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tiny_mnist: Path, tmp_path: Path):
+    message = fails_with(fit_args(tiny_mnist, tmp_path / "logs", "--data.val_size", "5000"))  # 600 rows
+    assert "val_size" in message and not list((tmp_path / "logs").glob("*/version_*"))
+
+
 def test_mistyped_key_in_a_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture):
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  lrr: 0.1\n")
@@ -215,7 +220,7 @@ def test_missing_data_offline_ends_with_one_paragraph_and_writes_nothing(tmp_pat
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: MNIST files are missing from") and "Traceback" not in done.stderr
     assert "train-images-idx3-ubyte.gz" in last_line and "--data.download true" in last_line
-    assert not list((tmp_path / "logs").glob("*/version_*/checkpoints"))
+    assert not list((tmp_path / "logs").glob("*/version_*"))  # no empty run folder left behind
 
 
 def test_tensorboard_steps_count_sgd_steps(tiny_mnist: Path, tmp_path: Path):

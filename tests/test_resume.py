@@ -54,6 +54,23 @@ def test_test_with_the_checkpoint_alone_uses_the_runs_normalization_and_network(
     assert scalar(events, "test/acc") == pytest.approx([fitted["metrics"]["test/acc"]])
 
 
+def test_evaluating_a_runs_checkpoint_writes_beside_that_run_with_a_metrics_json(tiny_mnist: Path, tmp_path: Path):
+    main(fit_args(tiny_mnist, tmp_path / "logs", "--trainer.max_epochs", "1"))
+    run = only_run(tmp_path / "logs")
+    fitted = json.loads((run / "metrics.json").read_text())
+    for subcommand in ("test", "validate", "predict", "test"):  # the checkpoint alone: no folder given
+        main([subcommand, "--ckpt_path", fitted["best_checkpoint"]])
+    assert only_run(tmp_path / "logs") == run  # no evaluation among the training runs
+    assert sorted(p.relative_to(run).as_posix() for p in run.glob("*/version_*")) == [
+        "predict/version_0", "test/version_0", "test/version_1", "validate/version_0"]
+    tested = json.loads((run / "test" / "version_1" / "metrics.json").read_text())
+    assert tested["subcommand"] == "test" and tested["checkpoint"] == fitted["best_checkpoint"]
+    assert tested["metrics"]["test/acc"] == fitted["metrics"]["test/acc"]  # the fit's own test pass, again
+    validated = json.loads((run / "validate" / "version_0" / "metrics.json").read_text())
+    assert validated["metrics"]["val/acc"] == pytest.approx(fitted["metrics"]["val/acc_best"])
+    assert (run / "predict" / "version_0" / "predictions.csv").is_file()
+
+
 def test_a_config_that_contradicts_the_checkpoint_is_refused_by_name(tiny_mnist: Path, tmp_path: Path):
     main(fit_args(tiny_mnist, tmp_path / "fit", "--trainer.max_epochs", "1", "--data.standardize", "true"))
     last = only_run(tmp_path / "fit") / "checkpoints" / "last.ckpt"
