@@ -25,6 +25,7 @@ from mnist_lit.trust import check_imports
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning itself
 DEFAULT_MODEL = "mnist_lit.model.MNISTClassifier"  # --model's default, and the class of checkpoints that name none
+DEFAULT_DATA = "mnist_lit.data.MNISTDataModule"  # --data's, likewise
 
 
 class CheckpointError(RuntimeError):

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from mnist_lit.checkpoints import (
+    DEFAULT_DATA,
     DEFAULT_MODEL,
     SPECIAL_CKPT_PATHS,
     BestCheckpoint,
@@ -49,6 +50,7 @@ from mnist_lit.idx import MNISTDataError
 from mnist_lit.optimization import OptimizationError
 from mnist_lit.parsing import DroppedArguments, Parser
 from mnist_lit.predict import PredictionWriter
+from mnist_lit.preflight import Preflight
 from mnist_lit.report import TensorBoardReport
 from mnist_lit.resume import (
     RunStopped,
@@ -124,7 +126,7 @@ class MNISTCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,  # the '/' in 'val/acc' would make a sub-folder
             "last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False,
         })
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
         parser.add_lightning_class_args(TensorBoardReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # predict: CSV + table
         parser.add_argument("--test_after_fit", type=bool, default=True,
@@ -185,6 +187,7 @@ class MNISTCLI(LightningCLI):
         for handler in parser.logger.handlers:
             if isinstance(handler, DroppedArguments):
                 handler.notice(config.model.class_path)
+                handler.notice(config.data.class_path, "--data")
 
     def parse_beside(self, parser: LightningArgumentParser, argv: list[str], ckpt_path: str) -> None:
         self.run_config = gate(ckpt_path, argv)
@@ -280,6 +283,8 @@ class MNISTCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         self.clock = RunClock()  # metrics.json's "seconds": where the run's time went (mnist_lit/clock.py)
         trainer.callbacks.append(self.clock)
+        if self.subcommand == "fit":
+            trainer.callbacks.append(Preflight())  # a data module of your own: one batch checked before training
         return trainer
 
     def after_fit(self) -> None:
@@ -317,9 +322,9 @@ class MNISTCLI(LightningCLI):
     def after_predict(self) -> None:
         if self.trainer.is_global_zero:
             write_evaluation(run_folder(self.trainer), "predict", self.config.predict.get("ckpt_path"),
-                             {"predicted": len(self.datamodule.predict_names or [])})
+                             {"predicted": len(getattr(self.datamodule, "predict_names", None) or [])})
         finish_loggers(self.trainer)
-        skipped = self.datamodule.unreadable
+        skipped = getattr(self.datamodule, "unreadable", None)
         if skipped:  # the readable ones were predicted and written; the exit code still says not all were
             listing = "; ".join(f"{item} ({reason})" for item, reason in skipped)
             raise MNISTDataError(f"{len(skipped)} of --data.predict_images could not be predicted: {listing}. The "
@@ -354,7 +359,8 @@ def main(args: list[str] | None = None) -> MNISTCLI:
     parse_log.handlers = [DroppedArguments()]  # this call's own
     try:
         with warnings.catch_warnings():  # what a run silences (before_fit) stays its own
-            return MNISTCLI(L.LightningModule, MNISTDataModule, subclass_mode_model=True, args=args,
+            return MNISTCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                            args=args,
                             parser_class=Parser, trainer_defaults=TRAINER_DEFAULTS,
                             auto_configure_optimizers=False,  # --model.optimizer / --model.lr_scheduler instead
                             save_config_callback=RunConfig,

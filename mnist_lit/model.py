@@ -32,25 +32,26 @@ Fraction = ClosedUnitInterval  # a float in [0, 1]
 
 
 class MLP(nn.Module):
-    """784 -> hidden1 -> hidden2 -> num_classes with ReLU between; returns logits. Dropout (Srivastava et al. 2014:
-    0.2 on the pixels, 0.5 on the hidden units) zeroes that fraction of a layer's inputs while training, scaling the
-    rest up to keep their mean; evaluation uses every unit. At 0 (the default) it is not applied at all: the same
-    arithmetic, and the same random draws, as a network without it.
+    """in_features (784) -> hidden1 -> hidden2 -> num_classes with ReLU between; returns logits. Dropout
+    (Srivastava et al. 2014: 0.2 on the pixels, 0.5 on the hidden units) zeroes that fraction of a layer's inputs
+    while training, scaling the rest up to keep their mean; evaluation uses every unit. At 0 (the default) it is not
+    applied at all: the same arithmetic, and the same random draws, as a network without it.
 
     Args:
         hidden1: width of the first hidden layer.
         hidden2: width of the second hidden layer.
         num_classes: number of outputs (logits).
         dropout: the fraction of each hidden layer's units dropped while training.
-        input_dropout: the fraction of the 784 pixels dropped while training.
+        input_dropout: the fraction of the input values (pixels) dropped while training.
+        in_features: values per example, flattened: 784 for 28x28 images, C*H*W for another data module's.
     """
 
     def __init__(self, hidden1: PositiveInt = 512, hidden2: PositiveInt = 256, num_classes: PositiveInt = 10,
-                 dropout: Fraction = 0.0, input_dropout: Fraction = 0.0):
+                 dropout: Fraction = 0.0, input_dropout: Fraction = 0.0, in_features: PositiveInt = 28 * 28):
         super().__init__()
         self.layers = nn.Sequential(  # the checkpoints' keys: net.layers.{1,3,5}.{weight,bias}
-            nn.Flatten(),  # (B, 28, 28) or (B, 784) -> (B, 784)
-            nn.Linear(28 * 28, hidden1), nn.ReLU(),
+            nn.Flatten(),  # (B, 28, 28) or (B, 784) -> (B, 784); any (B, ...) -> (B, in_features)
+            nn.Linear(in_features, hidden1), nn.ReLU(),
             nn.Linear(hidden1, hidden2), nn.ReLU(),
             nn.Linear(hidden2, num_classes),  # (B, hidden2) -> (B, 10) logits
         )

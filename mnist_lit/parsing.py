@@ -17,9 +17,17 @@ import re
 import sys
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mnist_lit.runs import launched_rank
+
+# A restricted number (PositiveInt, ClosedUnitInterval: int and float subclasses) that jsonargparse carries over when
+# --model or --data changes class, to an argument of the new class typed plain int or float, stays that object, which
+# YAML's safe dumper cannot write ("cannot represent an object"): written as the number it is. (bool has a
+# representer of its own, found first.)
+yaml.SafeDumper.add_multi_representer(int, yaml.representer.SafeRepresenter.represent_int)
+yaml.SafeDumper.add_multi_representer(float, yaml.representer.SafeRepresenter.represent_float)
 
 # The scaffolding of jsonargparse's nested errors, not reasons.
 STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Parser key",
@@ -43,9 +51,9 @@ def did_you_mean(given: str, known: list[str], prefix: str = "") -> str:
 
 def not_an_argument(key: str, option: str, cls: str) -> str:
     """The paragraph for ``--<key>.<option>`` that ``cls`` does not take, its closest arguments and the help command
-    that lists them all (for --model itself, ``--model.help``; below it, ``--<key>.help``)."""
-    flag = f"--{key}.{option}" if key == "model" else f"--{key}.init_args.{option}"
-    prefix = f"--{key}." if key == "model" else f"--{key}.init_args."
+    that lists them all (--model and --data take their arguments without init_args)."""
+    flag = f"--{key}.{option}" if key in ("model", "data") else f"--{key}.init_args.{option}"
+    prefix = f"--{key}." if key in ("model", "data") else f"--{key}.init_args."
     return (f"{flag} is not an argument of {cls}.{did_you_mean(option, arguments_of(cls), prefix)} Check its "
             f"spelling, or the class; python -m mnist_lit fit --{key}.help {cls} lists the arguments it takes.")
 
@@ -76,10 +84,15 @@ def unknown_flags(message: str, flags: list[str], prog: str) -> str | None:
 
 
 def model_error(message: str) -> str | None:
-    """jsonargparse's error about ``--model`` (its class or any of its init_args, nested screens deep in subclass
-    mode) as one paragraph that names the key and the fix; None for any other error, or one it cannot read."""
-    if not message.startswith('Parser key "model":'):
+    """jsonargparse's error about ``--model`` or ``--data`` (the class or any of its init_args, nested screens deep in
+    subclass mode) as one paragraph that names the key and the fix; None for any other error, or one it cannot
+    read."""
+    group = re.match(r'Parser key "(model|data)":', message)
+    if not group:
         return None
+    group = group[1]
+    base, default = (("LightningModule", "mnist_lit.model.MNISTClassifier") if group == "model" else
+                     ("LightningDataModule", "mnist_lit.data.MNISTDataModule"))
     keys = re.findall(r'Parser key "([^"]+)"', message)
     classes = re.findall(r"Problem with given class_path '([^']+)':", message)
     detail = re.search(r"Problem with given class_path '[^']+':\n\s+(\S[^\n]*)", message)
@@ -88,22 +101,22 @@ def model_error(message: str) -> str | None:
     given = given and (re.search(r"val='([^']*)'", given[1]) or re.match(r"(.*)", given[1]))[1]
     cls = classes[0] if classes else given
     if "required" in detail:
-        return (f"--model {cls} needs arguments that neither the config nor the command line gives: "
-                f"{detail.split(': ', 1)[-1]}. Give them with --model.<name> VALUE (or under model.init_args in "
-                f"YAML); python -m mnist_lit fit --model.help {cls} lists them.")
+        return (f"--{group} {cls} needs arguments that neither the config nor the command line gives: "
+                f"{detail.split(': ', 1)[-1]}. Give them with --{group}.<name> VALUE (or under {group}.init_args in "
+                f"YAML); python -m mnist_lit fit --{group}.help {cls} lists them.")
     if option := re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected", detail):
-        return not_an_argument("model", option[1] or option[2], cls)
-    if detail:
-        return (f"--model {cls} cannot be imported ({detail}): give the import path of a LightningModule class, e.g. "
-                "mnist_lit.model.MNISTClassifier or a subclass of it in a module importable from where you run (the "
-                "repository root, or an installed package).")
-    if not classes and "does not correspond to a subclass of LightningModule" in message:
-        return (f"--model {given} is not a LightningModule: --model takes mnist_lit.model.MNISTClassifier (the "
-                "default), a subclass of it, or any other LightningModule; a network (an nn.Module) goes in "
-                "--model.net.")
+        return not_an_argument(group, option[1] or option[2], cls)
+    if detail and not re.search(r"Parser key|Expected|[Nn]ot a valid|must be", detail):
+        return (f"--{group} {cls} cannot be imported ({detail}): give the import path of a {base} class, e.g. "
+                f"{default} or a class of your own in a module importable from where you run (the repository root, "
+                "or an installed package).")
+    if not classes and f"does not correspond to a subclass of {base}" in message:
+        return (f"--{group} {given} is not a {base}: --{group} takes {default} (the default) or any other {base} "
+                "by its class path" + ("; a network (an nn.Module) goes in --model.net." if group == "model" else
+                                       ", e.g. a module of your own (docs/extending.md)."))
     if len(keys) < 2:
         return None
-    path = f"model.{keys[1]}" + "".join(f".init_args.{key}" for key in keys[2:])  # the short form users type
+    path = f"{group}.{keys[1]}" + "".join(f".init_args.{key}" for key in keys[2:])  # the short form users type
     reasons = [line.strip().removeprefix("- ") for line in message.splitlines()
                if line.strip() and not line.strip().startswith(STRUCTURE) and "Parser key" not in line]
     if (option := re.search(r"Option '([^']+)' is not accepted", " ".join(reasons))) and classes:
@@ -114,8 +127,8 @@ def model_error(message: str) -> str | None:
 
 
 class DroppedArguments(logging.Handler):
-    """Hears jsonargparse drop the init_args that a new ``--model`` class does not take (it does so silently, by
-    design, when a class_path changes), so that the run can say which, once."""
+    """Hears jsonargparse drop the init_args that a new ``--model`` or ``--data`` class does not take (it does so
+    silently, by design, when a class_path changes), so that the run can say which, once."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -132,14 +145,15 @@ class DroppedArguments(logging.Handler):
     def is_module(class_path: str) -> bool:
         module, _, name = class_path.rpartition(".")
         try:
-            return issubclass(getattr(importlib.import_module(module), name), L.LightningModule)
+            cls = getattr(importlib.import_module(module), name)
+            return issubclass(cls, (L.LightningModule, L.LightningDataModule))
         except (ImportError, AttributeError, TypeError):
             return False
 
-    def notice(self, model_class: str) -> None:
+    def notice(self, model_class: str, flag: str = "--model") -> None:
         keys = self.dropped.get(model_class)
         if keys and not launched_rank():
-            print(f"mnist_lit: --model {model_class} does not take {', '.join(keys)}, which the configs or defaults "
+            print(f"mnist_lit: {flag} {model_class} does not take {', '.join(keys)}, which the configs or defaults "
                   "before it set for the class they named: those settings were dropped (jsonargparse keeps only "
                   "the init_args the new class takes).", file=sys.stderr)
 

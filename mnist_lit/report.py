@@ -123,6 +123,12 @@ class TensorBoardReport(L.Callback):
         writer = self.writer(trainer)
         if writer is None:
             return
+        if x[0].numel() != 28 * 28:  # another data module's inputs: the counts above, no pictures
+            if "pictures" not in self.stepped_aside:
+                self.stepped_aside.add("pictures")
+                rank_zero_info(f"mnist_lit: the input and misclassified pictures step aside: the inputs are "
+                               f"{tuple(x.shape[1:])}, not 28x28 images (the confusion matrices stay).")
+            return
         if not self.inputs_logged and batch_idx == 0:  # once per run: what the network is fed
             writer.add_image(f"{stage}/inputs", make_grid(digits(x[:64]), nrow=8, normalize=True), 0)
             self.inputs_logged = True

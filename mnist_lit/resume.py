@@ -33,7 +33,7 @@ import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
-from mnist_lit.checkpoints import DEFAULT_MODEL, LastCheckpoint, load_checkpoint
+from mnist_lit.checkpoints import DEFAULT_DATA, DEFAULT_MODEL, LastCheckpoint, load_checkpoint
 from mnist_lit.trust import check_imports, named_by_user, without_trust
 
 # What a user may change beside --ckpt_path, on purpose (dotted config keys; a trailing '.' covers a group):
@@ -78,12 +78,15 @@ def with_run_config(argv: list[str], run_config: str) -> list[str]:
 
 
 def flatten(tree, prefix: str = "") -> dict:
-    """Dotted keys of a parsed config, in the short form of the model's: ``model.init_args.net...`` is
-    ``model.net...`` (the command line takes both)."""
+    """Dotted keys of a parsed config, in the short form of the model's and the data module's:
+    ``model.init_args.net...`` is ``model.net...`` (the command line takes both)."""
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
     key = prefix[:-1]
-    return {"model." + key[len("model.init_args."):] if key.startswith("model.init_args.") else key: tree}
+    for group in ("model.", "data."):
+        if key.startswith(group + "init_args."):
+            return {group + key[len(group + "init_args."):]: tree}
+    return {key: tree}
 
 
 def changed_beside_checkpoint(run_config: str, config: str, subcommand: str) -> list[str]:
@@ -91,6 +94,7 @@ def changed_beside_checkpoint(run_config: str, config: str, subcommand: str) -> 
     is not allowed beside a checkpoint. ``config``: the whole parsed command line, dumped."""
     theirs, ours = flatten(yaml.safe_load(run_config)), flatten(yaml.safe_load(config)[subcommand])
     theirs.setdefault("model.class_path", DEFAULT_MODEL)  # written before --model took a class: the classifier
+    theirs.setdefault("data.class_path", DEFAULT_DATA)  # and before --data did: MNIST's
     allowed = (*BESIDE_CHECKPOINT["all"], *BESIDE_CHECKPOINT.get(subcommand, ()))
     # Keys on one side only are another subcommand's own (test's verbose) or another class's init_args, whose
     # class_path differs too.

@@ -42,7 +42,7 @@ def test_fit_writes_one_run_with_metrics_config_and_checkpoints(tiny_mnist: Path
     assert {"train/acc", "train/loss", "val/loss"} <= set(events.Tags()["scalars"])
 
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["seed_everything"] == 0 and config["data"]["data_dir"] == str(tiny_mnist)
+    assert config["seed_everything"] == 0 and config["data"]["init_args"]["data_dir"] == str(tiny_mnist)
     assert config["model"]["class_path"] == "mnist_lit.model.MNISTClassifier"
     assert config["model"]["init_args"]["net"]["class_path"] == "mnist_lit.model.MLP"
     assert best_checkpoint(run).name.startswith("best-epoch") and (run / "checkpoints" / "last.ckpt").is_file()
@@ -144,7 +144,8 @@ def test_help_and_print_config_name_the_real_command(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "configs" / "default.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.1 and printed["data"]["batch_size"] == 128
+    assert printed["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.1
+    assert printed["data"]["init_args"]["batch_size"] == 128
 
 
 @pytest.mark.parametrize("args, message", [
@@ -152,7 +153,7 @@ def test_help_and_print_config_name_the_real_command(capsys: pytest.CaptureFixtu
     (["--model.net.init_args.hiden", "3"],
      "error: --model.net.init_args.hiden is not an argument of mnist_lit.model.MLP"),
     (["--model.optimizer.init_args.lr", "abc"], "error: --model.optimizer.init_args.lr cannot be 'abc'"),
-    (["--data.batch_size", "0"], 'Parser key "data.batch_size"'),
+    (["--data.batch_size", "0"], "error: --data.batch_size cannot be '0' (in mnist_lit.data.MNISTDataModule)"),
     (["--torch_threads", "0"], 'Parser key "torch_threads"'),
 ])
 def test_bad_option_gets_jsonargparse_message(args: list[str], message: str, capsys: pytest.CaptureFixture):
@@ -160,7 +161,7 @@ def test_bad_option_gets_jsonargparse_message(args: list[str], message: str, cap
         main(["fit", "--config", str(REPO / "configs" / "default.yaml"), *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err
-    if message.startswith("error: --model"):  # the model's, nested screens deep in subclass mode: one paragraph
+    if message.startswith(("error: --model", "error: --data")):  # nested screens deep in subclass mode: one paragraph
         assert "usage:" not in err and [line for line in err.splitlines() if line.startswith("error:")] == [
             err.strip().splitlines()[-1]], err
 
@@ -177,7 +178,7 @@ HINTS = {  # a mistyped argument -> the class (or flag) the paragraph must name,
                  "lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.init_args.monitor?"),
     "flag": (["--trainer.max_epocs", "2"], "--trainer.max_epocs is not an option of python -m mnist_lit fit.",
              "Did you mean --trainer.max_epochs or"),
-    "data flag": (["--data.batch_sise", "2"], "--data.batch_sise is not an option", "Did you mean --data.batch_size"),
+    "data module": (["--data.batch_sise", "2"], "mnist_lit.data.MNISTDataModule", "Did you mean --data.batch_size"),
     "abbreviation": (["--trainer.max_epoch", "2"], "--trainer.max_epoch is short for --trainer.max_epochs",
                      "write --trainer.max_epochs."),
 }

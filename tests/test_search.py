@@ -111,7 +111,7 @@ def test_a_search_leaves_its_tables_plots_and_a_best_config_that_fits_as_is(fini
     config = yaml.safe_load((folder / "best.yaml").read_text())
     assert config["model"]["class_path"] == "mnist_lit.model.MNISTClassifier"
     assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == best.params["model.optimizer.init_args.lr"]
-    assert config["data"]["batch_size"] == best.params["data.batch_size"]
+    assert config["data"]["init_args"]["batch_size"] == best.params["data.batch_size"]
     assert config["trainer"]["callbacks"] is None and config["test_after_fit"] is True
     done = launch(["fit", "--config", str(folder / "best.yaml"), "--torch_threads", "1",
                    "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
@@ -198,7 +198,7 @@ def test_the_993_space_searches_the_distortions_widths_and_schedule_of_each_tria
     assert len(trials) == 2 and trials[0].params != trials[1].params
     for trial in trials:
         config = yaml.safe_load((tmp_path / "s993" / "trials" / f"trial{trial.number}" / "config.yaml").read_text())
-        augment, model = config["data"]["augment"], config["model"]["init_args"]
+        augment, model = config["data"]["init_args"]["augment"], config["model"]["init_args"]
         assert augment["class_path"] == "mnist_lit.augment.ElasticAffine"
         for key, value in trial.params.items():  # every searched value reached the fit, under its own name
             node = config

@@ -62,7 +62,7 @@ PLACES = {  # where a class path can sit in a run's config -> how the tests put 
     "network": lambda c: c["model"]["init_args"]["net"].__setitem__("class_path", f"{FOREIGN}.Net"),
     "schedule": lambda c: c["model"]["init_args"]["lr_scheduler"].__setitem__("class_path", f"{FOREIGN}.Schedule"),
     "optimizer (a bare name)": lambda c: c["model"]["init_args"].__setitem__("optimizer", f"{FOREIGN}.Optimizer"),
-    "augmentation": lambda c: c["data"]["augment"].__setitem__("class_path", f"{FOREIGN}.Augment"),
+    "augmentation": lambda c: c["data"]["init_args"]["augment"].__setitem__("class_path", f"{FOREIGN}.Augment"),
     "callback": lambda c: c["trainer"]["callbacks"].append({"class_path": f"{FOREIGN}.Callback"}),
     "logger": lambda c: c["trainer"]["logger"].__setitem__("class_path", f"{FOREIGN}.Logger"),
 }
