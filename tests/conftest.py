@@ -92,7 +92,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 # named here runs after these, and a stale order costs seconds, never a result.
 LONGEST_FIRST = ["test_distributed", "test_search", "test_search_resume", "test_real_mnist", "test_exactness",
                  "test_faults", "test_export", "test_search_grid", "test_own_modules", "test_cli", "test_optimization",
-                 "test_requeue", "test_own_data", "test_loggers", "test_trainer_flags", "test_resume", "test_predict", "test_extending"]
+                 "test_requeue", "test_own_data", "test_loggers", "test_trainer_flags", "test_resume", "test_predict",
+                 "test_extending"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
