@@ -17,9 +17,10 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from mnist_lit.checkpoints import CheckpointError, load_checkpoint, rebuild_module
+from mnist_lit.checkpoints import DEFAULT_DATA, CheckpointError, load_checkpoint, rebuild_module
 from mnist_lit.model import network
 from mnist_lit.trust import TRUST_OPTION, UntrustedImports, trusted_packages
 
@@ -42,6 +43,13 @@ def from_checkpoint(path: str, trust_imports: str | None = None) -> PixelsToProb
     """The checkpoint's network (its module rebuilt from the recorded class_path/init_args) with its
     normalization. MNISTClassifier's is its ``net``; another module's is the module itself, its forward."""
     checkpoint = load_checkpoint(path)
+    data = yaml.safe_load(checkpoint.get("run_config") or "{}").get("data") or {}
+    data_class = data.get("class_path", DEFAULT_DATA)
+    if data_class != DEFAULT_DATA:
+        raise CheckpointError(f"{path} was trained on --data {data_class}, and export takes checkpoints of "
+                              f"{DEFAULT_DATA} (28x28 pixels, their normalization recorded): the artifact's input "
+                              "shape and scaling for another data module are not known to it yet. Export that "
+                              "network with torch.export or torch.onnx yourself (docs/extending.md).")
     with warnings.catch_warnings():  # "net is an nn.Module, saved twice": by design, the CLI records its class_path
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
         model = rebuild_module(path, trusted_packages(trust_imports))
