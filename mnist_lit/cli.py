@@ -341,7 +341,7 @@ class NoAdvertisements(logging.Filter):
 
 def main(args: list[str] | None = None) -> MNISTCLI:
     """Run the CLI; a problem the user can fix ends it with its one-paragraph message and exit code 1
-    (JSONARGPARSE_DEBUG=1 shows the traceback)."""
+    (JSONARGPARSE_DEBUG=true shows the traceback)."""
     # training_step pulls several batches from Lightning's dataloader_iter on purpose (model.py).
     warnings.filterwarnings("ignore", message=".*`dataloader_iter`.*")
     # main(args) takes the place of sys.argv on purpose (a checkpoint's config before the user's arguments, a search's
