@@ -49,6 +49,7 @@ from mnist_lit.engine import TrainingDiverged
 from mnist_lit.idx import MNISTDataError
 from mnist_lit.optimization import OptimizationError
 from mnist_lit.parsing import DroppedArguments, Parser
+from mnist_lit.per_example import PerExample
 from mnist_lit.predict import PredictionWriter
 from mnist_lit.preflight import Preflight
 from mnist_lit.report import TensorBoardReport
@@ -283,6 +284,7 @@ class MNISTCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         self.clock = RunClock()  # metrics.json's "seconds": where the run's time went (mnist_lit/clock.py)
         trainer.callbacks.append(self.clock)
+        trainer.callbacks.append(PerExample())  # per_example/{val,test}.csv: each example's prediction, to pair runs
         if self.subcommand == "fit":
             trainer.callbacks.append(Preflight())  # a data module of your own: one batch checked before training
         return trainer
