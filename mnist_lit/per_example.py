@@ -23,6 +23,7 @@ import json
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from mnist_lit.data import MNISTDataModule
@@ -77,14 +78,16 @@ class PerExample(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         metrics, parts = trainer.callback_metrics, self.parts.pop("val", None)
+        if not parts or trainer.sanity_checking:
+            return
+        now = (parts, trainer.current_epoch, trainer.global_step, self.inputs["val"].digest())
+        if trainer.state.fn == TrainerFn.VALIDATING:  # validate: its one evaluation is the result
+            self.write(trainer, "val", *now)
+            return
         score, best = metrics.get("val/acc"), metrics.get("val/acc_best")  # best: restored on a resume
         above = self.best_score is None or (score is not None and score > self.best_score)
-        better = score is None or ((best is None or score >= best) and above)
-        if parts and not trainer.sanity_checking and better:  # the first epoch of the best score, as the checkpoint's
-            self.best_val = (parts, trainer.current_epoch, trainer.global_step, self.inputs["val"].digest())
-            self.best_score = None if score is None else float(score)
-        if parts and not trainer.training:  # validate: its one evaluation is the result
-            self.write(trainer, "val", *self.best_val)
+        if score is None or ((best is None or score >= best) and above):  # the first epoch of the best score,
+            self.best_val, self.best_score = now, None if score is None else float(score)  # as the checkpoint's
 
     def on_train_end(self, trainer, pl_module):
         if self.best_val:
