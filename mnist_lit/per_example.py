@@ -48,6 +48,11 @@ class PerExample(L.Callback):
         self.inputs: dict[str, hashlib._Hash] = {}
         self.stepped_aside = False
 
+    def __getstate__(self) -> dict:
+        # A hash under way cannot be pickled or copied (ddp_spawn pickles the callbacks, StochasticWeightAveraging
+        # copies the module with its trainer): a copy starts its evaluations afresh.
+        return {**self.__dict__, "parts": {}, "inputs": {}}
+
     def start(self, stage: str) -> None:
         self.parts[stage], self.inputs[stage] = [], hashlib.sha256()
 
@@ -67,7 +72,7 @@ class PerExample(L.Callback):
             return
         x, y = batch
         self.parts[stage].append((outputs.detach().float().softmax(dim=1).cpu(), y.detach().cpu()))
-        if not isinstance(trainer.datamodule, MNISTDataModule):
+        if not isinstance(trainer.datamodule, MNISTDataModule) and stage in self.inputs:
             self.inputs[stage].update(x.detach().cpu().contiguous().numpy().tobytes())
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
