@@ -51,7 +51,7 @@ from mnist_lit.optimization import OptimizationError
 from mnist_lit.parsing import DroppedArguments, Parser
 from mnist_lit.per_example import PerExample
 from mnist_lit.predict import PredictionWriter
-from mnist_lit.preflight import Preflight
+from mnist_lit.preflight import Preflight, sized_to_data
 from mnist_lit.report import TensorBoardReport
 from mnist_lit.resume import (
     RunStopped,
@@ -260,6 +260,9 @@ class MNISTCLI(LightningCLI):
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         set_flush_denormal(config.flush_denormal)  # before the run's first computation, in each of its processes
+        filled = sized_to_data(config)  # a data module of your own: the model's sizes from it, before it is built
+        if filled:
+            rank_zero_info(f"mnist_lit: sized to --data {config.data.class_path}: {', '.join(filled)}.")
         trainer = config.trainer
         if trainer.logger in (False, None) and trainer.default_root_dir is None and not trainer.fast_dev_run \
                 and not launched_rank():

@@ -39,7 +39,8 @@ class PredictionWriter(L.Callback):
         self.rows, self.probabilities, self.stepped_aside = [], [], None
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        classes = len(getattr(trainer.datamodule, "classes", ()))
+        names = getattr(trainer.datamodule, "classes", ())  # class names: MNISTDataModule's, or a module's own
+        classes = len(names) if isinstance(names, (list, tuple)) else -1
         if not (isinstance(outputs, torch.Tensor) and outputs.shape == (len(batch[1]), classes)):
             self.stepped_aside = type(outputs).__name__ if not isinstance(outputs, torch.Tensor) else \
                 f"a tensor of shape {tuple(outputs.shape)}"

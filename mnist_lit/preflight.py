@@ -1,16 +1,25 @@
-"""One batch through the network before any training, for a data module of your own (``--data my_data.MyData``):
-its batches are (inputs, targets), its labels fit the classes the model counts, and the network takes its
-inputs. Each mismatch is refused in one paragraph that names the data module, both shapes and the fix, before the
-first step, instead of a traceback from the middle of a layer. (``MNISTDataModule`` checks its files as it reads
-them: 28x28 images, labels 0-9.)
+"""A data module of your own (``--data my_data.MyData``) and the model: sized to each other before anything is built,
+then one batch through the network before any training.
 
-    python -m mnist_lit fit --config configs/default.yaml --data my_data.MyData --model.net.init_args.in_features 392
+The model's ``num_classes`` and the MLP's ``num_classes`` and ``in_features`` come from the data module's
+``num_classes`` and ``dims`` (the shape of one example), as lightning-hydra-template's data modules give them,
+wherever the config leaves them at their defaults; one given that contradicts the data is refused by name (the data
+module is built once more for this: its work belongs in ``setup``). Then one batch is checked: batches are (inputs,
+targets), labels fit the classes the model counts, and the network takes the inputs. Each mismatch is refused in
+one paragraph naming the data module, both shapes and the fix, before the first step, instead of a traceback from
+the middle of a layer. (``MNISTDataModule`` checks its files as it reads them: 28x28 images, labels 0-9.)
+
+    python -m mnist_lit fit --config configs/default.yaml --data my_data.MyData
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import lightning as L
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mnist_lit.data import MNISTDataModule
@@ -68,6 +77,47 @@ def check_batch(model: L.LightningModule, datamodule: L.LightningDataModule, bat
         raise DataMismatch(f"The network {type(getattr(model, 'net', model)).__name__} gives outputs of shape "
                            f"{tuple(logits.shape[1:])} per example, but the model counts {classes} classes: give the "
                            "network the same class count (--model.net.init_args.num_classes N).")
+
+
+def sized_to_data(config) -> list[str]:
+    """Fill the model's class count and the MLP's input size in ``config`` (a parsed fit/test/... config) from its
+    data module's ``num_classes`` and ``dims``, where the config leaves them at their defaults; returns what was
+    filled, as ``--key value``. MNISTDataModule's data sets are 28x28 with 10 classes, the defaults: nothing to do."""
+    if config.data.class_path == f"{MNISTDataModule.__module__}.{MNISTDataModule.__qualname__}":
+        return []
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", fail_untyped=False)
+    try:
+        data = parser.instantiate_classes(parser.parse_object({"data": config.data.as_dict()})).data
+    except Exception:  # LightningCLI builds it next and says what is wrong with it, in its own words
+        return []
+    classes, dims = getattr(data, "num_classes", None), getattr(data, "dims", None)
+    wanted = {"num_classes": classes, "in_features": math.prod(dims) if dims else None}
+    name = config.data.class_path
+    filled = []
+    places = [("model", config.model)]
+    net = config.model.init_args.get("net")
+    if net is not None and str(net.get("class_path", "")).endswith(".MLP"):
+        places.append(("model.net", net))
+    for key, group in places:
+        for argument, value in wanted.items():
+            if value is None or argument not in group.init_args:
+                continue
+            given = group.init_args[argument]
+            default = inspect.signature(_class(group.class_path)).parameters[argument].default
+            if given == default and given != value:
+                group.init_args[argument] = value
+                filled.append(f"--{key}.{argument} {value}")
+            elif given != value:
+                raise DataMismatch(f"--{key}.{argument} is {given}, but --data {name} gives {value} "
+                                   f"({'its num_classes' if argument == 'num_classes' else f'its dims {dims}'}): "
+                                   f"drop --{key}.{argument}, which then comes from the data module.")
+    return filled
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
 
 
 class Preflight(L.Callback):

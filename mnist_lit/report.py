@@ -171,7 +171,9 @@ class TensorBoardReport(L.Callback):
             pl_module.log(f"{stage}/acc_per_class/{digit}", accuracy, batch_size=1, sync_dist=True)  # equal on all
         writer = self.writer(trainer)
         if writer is not None:
-            classes = getattr(trainer.datamodule, "classes", None) or [str(c) for c in range(len(matrix))]
+            classes = getattr(trainer.datamodule, "classes", None)  # names, where the data module gives them
+            if not isinstance(classes, (list, tuple)) or len(classes) != len(matrix):
+                classes = [str(c) for c in range(len(matrix))]
             writer.add_image(f"{stage}/confusion_matrix", confusion_image(matrix.cpu(), classes), trainer.global_step)
             writer.add_text(f"{stage}/confusion_matrix", markdown_matrix(matrix.cpu()), trainer.global_step)
 

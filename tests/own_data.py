@@ -14,15 +14,18 @@ class TwoChannels(L.LightningDataModule):
         classes: how many classes (2 by default; more puts labels beyond a 2-class model).
         batch_size: training batch size.
         pairs: serve (x, y) batches; False serves {"x": ..., "y": ...} dicts instead.
+        declared: the class count it says it has (``num_classes``), if not ``classes``: a module that says wrong.
     """
 
-    def __init__(self, classes: int = 2, batch_size: int = 32, pairs: bool = True):
+    def __init__(self, classes: int = 2, batch_size: int = 32, pairs: bool = True, declared: int | None = None):
         super().__init__()
-        self.num_classes, self.batch_size, self.pairs = classes, batch_size, pairs
+        self.labels, self.batch_size, self.pairs = classes, batch_size, pairs
+        self.num_classes = declared or classes
+        self.dims = (2, 14, 14)  # one example's shape, as lightning-hydra-template's data modules give it
 
     def make(self, n: int, seed: int) -> TensorDataset:
         g = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, self.num_classes, (n,), generator=g)
+        y = torch.randint(0, self.labels, (n,), generator=g)
         x = torch.rand(n, 2, 14, 14, generator=g) * 0.3
         for i, c in enumerate(y.tolist()):
             row = 2 + 3 * (c // 2)

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, fails_with, only_run
 from mnist_lit.cli import main
 from mnist_lit.export import main as export
 
 OWN = ("--data", "own_data.TwoChannels")
-SIZED = ("--model.net.init_args.in_features", "392", "--model.net.init_args.num_classes", "2",
-         "--model.num_classes", "2")
 
 
 def own_args(logs: Path, *extra: str) -> list[str]:
@@ -22,9 +21,14 @@ def own_args(logs: Path, *extra: str) -> list[str]:
             "--trainer.enable_model_summary", "false", "--trainer.max_epochs", "2", *OWN, *extra]
 
 
-def test_a_data_module_of_your_own_trains_and_tests_from_its_checkpoint_alone(tmp_path: Path):
-    main(own_args(tmp_path / "logs", *SIZED))
+def test_a_data_module_of_your_own_trains_and_tests_from_its_checkpoint_alone(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture):
+    main(own_args(tmp_path / "logs"))  # its class count and shape reach the model and the MLP by themselves
+    assert ("sized to --data own_data.TwoChannels: --model.num_classes 2, --model.net.num_classes 2, "
+            "--model.net.in_features 392") in caplog.text
     run = only_run(tmp_path / "logs")
+    stored = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+    assert stored["num_classes"] == stored["net"]["init_args"]["num_classes"] == 2  # and travel with the run
     fitted = json.loads((run / "metrics.json").read_text())
     assert fitted["metrics"]["test/acc"] > 0.9  # chance is 0.5
     main(["test", "--ckpt_path", fitted["best_checkpoint"]])  # the data module's class and arguments come with it
@@ -36,12 +40,15 @@ def test_a_data_module_of_your_own_trains_and_tests_from_its_checkpoint_alone(tm
 
 
 @pytest.mark.parametrize("case, extra, said", [
-    ("a network sized for MNIST", ("--model.num_classes", "2", "--model.net.init_args.num_classes", "2"),
-     "The network MLP cannot take the inputs of --data own_data.TwoChannels, one example of shape (2, 14, 14) (392 "
-     "values): mat1 and mat2 shapes cannot be multiplied"),
-    ("labels beyond the classes", ("--data.init_args.classes", "4", *SIZED),
+    ("a network for 28x28 images", ("--model.net", "mnist_lit.model.SmallCNN",
+                                    "--model.net.init_args.num_classes", "2"),
+     "The network SmallCNN cannot take the inputs of --data own_data.TwoChannels, one example of shape (2, 14, 14) "
+     "(392 values)"),
+    ("a class count that contradicts the data", ("--model.num_classes", "3"),
+     "--model.num_classes is 3, but --data own_data.TwoChannels gives 2 (its num_classes): drop --model.num_classes"),
+    ("labels beyond the classes it declares", ("--data.init_args.classes", "4", "--data.init_args.declared", "2"),
      "--data own_data.TwoChannels serves the label 3, outside the 2 classes the model counts (0 to 1)"),
-    ("batches that are not pairs", ("--data.init_args.pairs", "false", *SIZED),
+    ("batches that are not pairs", ("--data.init_args.pairs", "false",),
      "--data own_data.TwoChannels serves batches of a dict, but the template trains on (inputs, targets) pairs"),
 ])
 def test_what_the_model_cannot_take_is_refused_before_the_first_step(tmp_path: Path, case: str, extra, said: str):
