@@ -34,6 +34,11 @@ def test_a_data_module_of_your_own_trains_and_tests_from_its_checkpoint_alone(tm
     main(["test", "--ckpt_path", fitted["best_checkpoint"]])  # the data module's class and arguments come with it
     tested = json.loads((run / "test" / "version_0" / "metrics.json").read_text())
     assert tested["metrics"]["test/acc"] == fitted["metrics"]["test/acc"]
+    # per-example results pair too: the examples identified by a digest of the inputs as served
+    identities = [json.loads((folder / "per_example" / "test.json").read_text()) for folder in (run, run / "test"
+                                                                                                  / "version_0")]
+    assert identities[0]["digest"] == identities[1]["digest"] and identities[0]["rows"] == 128
+    assert identities[0]["data_module"] == "own_data.TwoChannels" and identities[0]["classes"] == 2
     with pytest.raises(SystemExit) as exit_:  # export knows MNIST's pixels only, so far: refused, not a traceback
         export([fitted["best_checkpoint"], "--format", "pt2"])
     assert "was trained on --data own_data.TwoChannels, and export takes checkpoints of" in str(exit_.value.code)
