@@ -116,8 +116,9 @@ class PerExample(L.Callback):
         probabilities, labels = (torch.cat(t) for t in zip(*parts, strict=True))
         data = trainer.datamodule
         if isinstance(data, MNISTDataModule) and stage in data.splits:
-            images, split_labels = data.splits[stage]
-            identity = {"dataset": data.dataset.title, "digest": digest(images, split_labels.long())}
+            images, split_labels = data.splits[stage]  # served in order: the first rows, if limit_*_batches cut it
+            n = len(labels)
+            identity = {"dataset": data.dataset.title, "digest": digest(images[:n], split_labels[:n].long())}
         else:
             identity = {"dataset": None, "digest": hashlib.sha256(inputs + labels.long().numpy().tobytes()).hexdigest()}
         out = folder / "per_example"

@@ -1,19 +1,21 @@
 """A data module of your own (``--data my_data.MyData``) and the model: sized to each other before anything is built,
 then one batch through the network before any training.
 
-The model's ``num_classes`` and the MLP's ``num_classes`` and ``in_features`` come from the data module's
-``num_classes`` and ``dims`` (the shape of one example), as lightning-hydra-template's data modules give them,
-wherever the config leaves them at their defaults; one given that contradicts the data is refused by name (the data
-module is built once more for this: its work belongs in ``setup``). Then one batch is checked: batches are (inputs,
-targets), labels fit the classes the model counts, and the network takes the inputs. Each mismatch is refused in
-one paragraph naming the data module, both shapes and the fix, before the first step, instead of a traceback from
-the middle of a layer. (``MNISTDataModule`` checks its files as it reads them: 28x28 images, labels 0-9.)
+The model's ``num_classes``, and the network's ``num_classes`` and ``in_features`` where it takes them (the MLP
+takes both), come from the data module's ``num_classes`` and ``dims`` (the shape of one example), as lightning-
+hydra-template's data modules give them, wherever the config leaves them at their defaults; one given that
+contradicts the data is refused by name (the data module is built once more for this: its work belongs in
+``setup``). Then one batch is checked: batches are (inputs, targets), labels fit the classes the model counts, and
+the network takes the inputs. Each mismatch is refused in one paragraph naming the data module, both shapes and the
+fix, before the first step, instead of a traceback from the middle of a layer. (``MNISTDataModule`` checks its files
+as it reads them: 28x28 images, labels 0-9.)
 
     python -m mnist_lit fit --config configs/default.yaml --data my_data.MyData
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 
@@ -80,9 +82,10 @@ def check_batch(model: L.LightningModule, datamodule: L.LightningDataModule, bat
 
 
 def sized_to_data(config) -> list[str]:
-    """Fill the model's class count and the MLP's input size in ``config`` (a parsed fit/test/... config) from its
-    data module's ``num_classes`` and ``dims``, where the config leaves them at their defaults; returns what was
-    filled, as ``--key value``. MNISTDataModule's data sets are 28x28 with 10 classes, the defaults: nothing to do."""
+    """Fill the model's class count, and the network's class count and input size, in ``config`` (a parsed fit/test/...
+    config) from its data module's ``num_classes`` and ``dims``, where the config leaves them at their defaults;
+    returns what was filled, as ``--key value``. MNISTDataModule's data sets are 28x28 with 10 classes, the
+    defaults: nothing to do."""
     if config.data.class_path == f"{MNISTDataModule.__module__}.{MNISTDataModule.__qualname__}":
         return []
     parser = ArgumentParser(exit_on_error=False)
@@ -97,27 +100,31 @@ def sized_to_data(config) -> list[str]:
     filled = []
     places = [("model", config.model)]
     net = config.model.init_args.get("net")
-    if net is not None and str(net.get("class_path", "")).endswith(".MLP"):
+    if net is not None and net.get("class_path"):  # any network that takes num_classes or in_features
         places.append(("model.net", net))
     for key, group in places:
         for argument, value in wanted.items():
             if value is None or argument not in group.init_args:
                 continue
             given = group.init_args[argument]
-            default = inspect.signature(_class(group.class_path)).parameters[argument].default
+            try:
+                default = inspect.signature(_class(group.class_path)).parameters[argument].default
+            except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+                default = inspect.Parameter.empty  # not to be read: a given value stands, and is checked
             if given == default and given != value:
                 group.init_args[argument] = value
                 filled.append(f"--{key}.{argument} {value}")
             elif given != value:
                 raise DataMismatch(f"--{key}.{argument} is {given}, but --data {name} gives {value} "
                                    f"({'its num_classes' if argument == 'num_classes' else f'its dims {dims}'}): "
-                                   f"drop --{key}.{argument}, which then comes from the data module.")
+                                   f"give {value}, or leave --{key}.{argument} at its default to take the data "
+                                   "module's.")
     return filled
 
 
 def _class(class_path: str) -> type:
     module, _, name = class_path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
+    return getattr(importlib.import_module(module), name)
 
 
 class Preflight(L.Callback):

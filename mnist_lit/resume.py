@@ -34,6 +34,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 
 from mnist_lit.checkpoints import DEFAULT_DATA, DEFAULT_MODEL, LastCheckpoint, load_checkpoint
+from mnist_lit.runs import slurm_job_id
 from mnist_lit.trust import check_imports, named_by_user, without_trust
 
 # What a user may change beside --ckpt_path, on purpose (dotted config keys; a trailing '.' covers a group):
@@ -162,8 +163,7 @@ def leave_hpc_checkpoints_alone(trainer: L.Trainer) -> str | None:
 def requeue() -> str:
     """``scontrol requeue`` this SLURM job (an array task by its ``<array job>_<task>`` name): it starts again with
     the same job id, and ``own_checkpoint`` finds its run. Returns what happened, for the closing paragraph."""
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID", "")
+    job = slurm_job_id()
     scontrol = shutil.which("scontrol")
     if not job or not scontrol:
         return f"it could not be requeued ({'no SLURM job id' if not job else 'scontrol is not on PATH'})"

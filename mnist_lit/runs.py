@@ -47,6 +47,12 @@ def launched_rank() -> bool:
     return any(os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
+def slurm_job_id() -> str:
+    """This SLURM job's id as ``scontrol`` takes it (an array task's is ``<array job>_<task>``); "" outside SLURM."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID", "")
+
+
 def scheduler_job() -> str | None:
     """The job a scheduler runs this process in, the same after a requeue or a restart: ``slurm:<cluster>:<job>``
     (an array task's job is ``<array job>_<task>``, as scontrol names it), else ``torchrun:<run id>`` (torchrun's
@@ -54,10 +60,8 @@ def scheduler_job() -> str | None:
     machine the agent's process, which stays through its restarts, tells launches apart). None outside both, and for
     a multi-node torchrun with the default id, whose launches cannot be told apart."""
     env = os.environ
-    if env.get("SLURM_JOB_ID"):
-        array = env.get("SLURM_ARRAY_JOB_ID")
-        job = f"{array}_{env.get('SLURM_ARRAY_TASK_ID')}" if array else env["SLURM_JOB_ID"]
-        return f"slurm:{env.get('SLURM_CLUSTER_NAME', '')}:{job}"
+    if slurm_job_id():
+        return f"slurm:{env.get('SLURM_CLUSTER_NAME', '')}:{slurm_job_id()}"
     run_id = env.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
         return f"torchrun:{run_id}"

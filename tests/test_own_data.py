@@ -45,12 +45,12 @@ def test_a_data_module_of_your_own_trains_and_tests_from_its_checkpoint_alone(tm
 
 
 @pytest.mark.parametrize("case, extra, said", [
-    ("a network for 28x28 images", ("--model.net", "mnist_lit.model.SmallCNN",
-                                    "--model.net.init_args.num_classes", "2"),
+    ("a network for 28x28 images", ("--model.net", "mnist_lit.model.SmallCNN"),  # its num_classes: the data's
      "The network SmallCNN cannot take the inputs of --data own_data.TwoChannels, one example of shape (2, 14, 14) "
      "(392 values)"),
     ("a class count that contradicts the data", ("--model.num_classes", "3"),
-     "--model.num_classes is 3, but --data own_data.TwoChannels gives 2 (its num_classes): drop --model.num_classes"),
+     "--model.num_classes is 3, but --data own_data.TwoChannels gives 2 (its num_classes): give 2, or leave "
+     "--model.num_classes at its default to take the data module's"),
     ("labels beyond the classes it declares", ("--data.init_args.classes", "4", "--data.init_args.declared", "2"),
      "--data own_data.TwoChannels serves the label 3, outside the 2 classes the model counts (0 to 1)"),
     ("batches that are not pairs", ("--data.init_args.pairs", "false",),

@@ -43,3 +43,9 @@ def test_the_fit_and_a_test_of_its_checkpoint_leave_per_example_results_that_pai
     again = run / "test" / "version_0" / "per_example"
     assert rows(again / "test.csv") == test  # the same examples, the same predictions: paired row by row
     assert json.loads((again / "test.json").read_text())["digest"] == identity["digest"]
+
+    main(["test", "--ckpt_path", fitted["best_checkpoint"], "--data.eval_batch_size", "50",
+          "--trainer.limit_test_batches", "2"])  # the first 100 examples only: the identity says which
+    cut = json.loads((run / "test" / "version_1" / "per_example" / "test.json").read_text())
+    first = hashlib.sha256(images[:100].numpy().tobytes() + labels[:100].long().numpy().tobytes()).hexdigest()
+    assert cut["rows"] == 100 and cut["digest"] == first
